@@ -1,0 +1,155 @@
+"""PyTorch <-> Flax parameter layouts as a name map plus invertible transforms.
+
+A :class:`NameMap` derives, for every leaf of a Flax parameter tree, the official PyTorch key and
+the transform between the two layouts:
+
+* module paths: ``transformer_3`` -> ``transformer.3`` for the list containers a model declares,
+  ``/`` -> ``.``;
+* leaves by name and rank: Dense ``kernel`` [in, out] <-> Linear ``weight`` [out, in]; Conv
+  ``kernel`` [kh, kw, in, out] <-> ``weight`` [out, in, kh, kw]; norm ``scale`` <-> ``weight``;
+  codebook ``embedding`` <-> ``embedding.weight``; raw parameters keep their name and shape;
+* per-model overrides (regexes on the Flax path), e.g. 1x1 convs that the Flax model runs as
+  Dense layers, or the fused attention projection ``in_proj_weight``.
+
+Import checks the state dict against the expected keys and shapes and reports every missing,
+unexpected and mis-shaped key at once; nothing loads partially.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    name: str
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda a: a, lambda a: a)
+LINEAR = Transform("linear", lambda a: a.T, lambda a: a.T)
+CONV = Transform("conv", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1))
+CONV1X1_AS_DENSE = Transform(
+    "conv1x1_as_dense", lambda a: a.reshape(a.shape[:2]).T, lambda a: a.T[:, :, None, None])
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the model: lists every missing/unexpected/mis-shaped key."""
+
+    def __init__(self, model: str, missing: list[str], unexpected: list[str],
+                 misshaped: list[str]):
+        self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+        parts = [f"checkpoint does not match {model}:"]
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("mis-shaped keys", misshaped)):
+            if items:
+                shown = items if len(items) <= 40 else items[:40] + [f"... {len(items) - 40} more"]
+                parts.append(f"  {len(items)} {label}:\n    " + "\n    ".join(shown))
+        super().__init__("\n".join(parts))
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    flax_path: tuple[str, ...]
+    torch_key: str
+    transform: Transform
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """How one model's Flax tree is named in the official PyTorch state dict.
+
+    list_names: Flax module names ``<name>_<i>`` that are PyTorch ``ModuleList``/``Sequential``
+      entries ``<name>.<i>``.
+    overrides: ``(regex on the '/'-joined Flax path, transform, (key pattern, replacement))``;
+      the first match replaces the default transform and, when given, rewrites the PyTorch key
+      with ``re.sub`` (e.g. ``attn.in_proj.weight`` -> ``attn.in_proj_weight``).
+    ignored: regexes of PyTorch keys that are known and deliberately dropped on import.
+    """
+
+    model: str
+    list_names: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, Transform, tuple[str, str] | None], ...] = ()
+    ignored: tuple[str, ...] = ()
+
+    def entry(self, flax_path: tuple[str, ...], ndim: int) -> Entry:
+        joined = "/".join(flax_path)
+        *modules, leaf = flax_path
+        list_re = re.compile(rf"^({'|'.join(map(re.escape, self.list_names))})_(\d+)$") \
+            if self.list_names else None
+        torch_modules = [list_re.sub(r"\1.\2", m) if list_re else m for m in modules]
+        if leaf == "kernel":
+            torch_leaf, transform = "weight", {2: LINEAR, 4: CONV}.get(ndim)
+        elif leaf == "scale":
+            torch_leaf, transform = "weight", IDENTITY
+        elif leaf == "embedding":
+            torch_leaf, transform = "embedding.weight", IDENTITY
+        else:
+            torch_leaf, transform = leaf, IDENTITY
+        key = ".".join(torch_modules + [torch_leaf])
+        for pattern, override, rename in self.overrides:
+            if re.search(pattern, joined):
+                transform = override
+                if rename is not None:
+                    key = re.sub(rename[0], rename[1], key)
+                break
+        if transform is None:
+            raise ValueError(f"no layout rule for a rank-{ndim} kernel at {joined}")
+        return Entry(flax_path, key, transform)
+
+    def entries(self, params_or_shapes: Mapping) -> list[Entry]:
+        flat = traverse_util.flatten_dict(_unfreeze(params_or_shapes))
+        out = [self.entry(path, len(leaf.shape)) for path, leaf in flat.items()]
+        keys = [e.torch_key for e in out]
+        if len(set(keys)) != len(keys):
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"name map of {self.model} is not injective: {dup}")
+        return out
+
+    def is_ignored(self, key: str) -> bool:
+        return any(re.search(p, key) for p in self.ignored)
+
+
+def _unfreeze(tree: Mapping) -> dict:
+    tree = dict(tree)
+    return dict(tree["params"]) if set(tree) == {"params"} else tree
+
+
+def import_state_dict(state_dict: Mapping[str, np.ndarray], abstract_params: Mapping,
+                      name_map: NameMap) -> dict:
+    """Official state dict -> Flax params with the structure/shapes/dtypes of
+    ``abstract_params`` (e.g. from ``jax.eval_shape(model.init, ...)``)."""
+    flat_abstract = traverse_util.flatten_dict(_unfreeze(abstract_params))
+    entries = name_map.entries(abstract_params)
+    expected = {e.torch_key for e in entries}
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected and not name_map.is_ignored(k))
+    misshaped, flat = [], {}
+    for e in entries:
+        if e.torch_key not in state_dict:
+            continue
+        want = flat_abstract[e.flax_path]
+        value = np.asarray(state_dict[e.torch_key])
+        want_torch = tuple(e.transform.to_torch(np.empty(want.shape, np.uint8)).shape)
+        if tuple(value.shape) != want_torch:
+            misshaped.append(f"{e.torch_key}: checkpoint {tuple(value.shape)}, model expects "
+                             f"{want_torch}")
+            continue
+        flat[e.flax_path] = np.ascontiguousarray(e.transform.to_flax(value)).astype(want.dtype)
+    if missing or unexpected or misshaped:
+        raise CheckpointMismatchError(name_map.model, missing, unexpected, misshaped)
+    return traverse_util.unflatten_dict(flat)
+
+
+def export_state_dict(params: Mapping, name_map: NameMap) -> dict[str, np.ndarray]:
+    """Flax params -> official PyTorch key names and layouts (contiguous numpy arrays)."""
+    flat = traverse_util.flatten_dict(_unfreeze(params))
+    out = {}
+    for e in name_map.entries(params):
+        out[e.torch_key] = np.ascontiguousarray(e.transform.to_torch(np.asarray(flat[e.flax_path])))
+    return out

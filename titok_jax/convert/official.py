@@ -1,0 +1,102 @@
+"""Name maps of the official checkpoints and safe readers/writers for weight files.
+
+Readers never unpickle arbitrary objects: ``.safetensors`` files are read directly, PyTorch
+``.bin``/``.pt``/``.pth`` files through ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import numpy as np
+
+from titok_jax.convert.layout import (CONV1X1_AS_DENSE, IDENTITY, LINEAR, NameMap,
+                                      export_state_dict, import_state_dict)
+
+_VQGAN_LISTS = ("down", "up", "block", "mid")
+
+VQGAN_MAP = NameMap("MaskGIT-VQGAN (maskgit-vqgan-imagenet-f16-256.bin layout)",
+                    list_names=_VQGAN_LISTS)
+
+TITOK_MAP = NameMap(
+    "TiTok (bytedance/1d-tokenizer layout)",
+    list_names=("transformer", "ffn") + _VQGAN_LISTS,
+    overrides=(
+        # nn.MultiheadAttention keeps its fused projection as raw parameters.
+        (r"attn/in_proj/kernel$", LINEAR, (r"attn\.in_proj\.weight$", "attn.in_proj_weight")),
+        (r"attn/in_proj/bias$", IDENTITY, (r"attn\.in_proj\.bias$", "attn.in_proj_bias")),
+        # 1x1 Conv2d layers of the official model that act per token: Dense layers here.
+        (r"^(encoder/conv_out|decoder/ffn_\d+)/kernel$", CONV1X1_AS_DENSE, None),
+    ),
+)
+
+
+def name_map_for(model_config) -> NameMap:
+    return VQGAN_MAP if model_config.name == "maskgit_vqgan" else TITOK_MAP
+
+
+def _to_numpy(value) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    import torch  # only reached for tensors that came from torch.load
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(value).__name__}")
+    if value.dtype == torch.bfloat16:
+        value = value.float()
+    return value.detach().cpu().numpy()
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a flat ``{key: tensor}`` weights file (.safetensors, or .bin/.pt/.pth via torch)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        return dict(load_file(path))
+    if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs PyTorch: pip install 'titok-jax[torch]', "
+                              "or convert the file to .safetensors first") from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"{path} is not a flat state dict; non-tensor entries: {bad[:10]}")
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    raise ValueError(f"unsupported weights file {path!r}: expected .safetensors, .bin, .pt or .pth")
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    from safetensors.numpy import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path),
+              metadata=dict(metadata or {}))
+
+
+def vqgan_as_pixel_decoder(vqgan_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The MaskGIT-VQGAN keys a stage-2 TiTok expects, from a ``maskgit-vqgan`` state dict:
+    ``decoder.*`` -> ``pixel_decoder.*`` and ``quantize.*`` -> ``pixel_quantize.*`` (the
+    official stage-2 initialisation; the VQGAN encoder is not needed)."""
+    out = {}
+    for k, v in vqgan_state.items():
+        if k.startswith(("decoder.", "quantize.")):
+            out["pixel_" + k] = v
+    return out
+
+
+def import_official(state_dict: Mapping[str, np.ndarray], abstract_params, model_config) -> dict:
+    return import_state_dict(state_dict, abstract_params, name_map_for(model_config))
+
+
+def export_official(params, model_config) -> dict[str, np.ndarray]:
+    return export_state_dict(params, name_map_for(model_config))
+
+
+def config_metadata(model_config) -> dict[str, str]:
+    return {"format": "pt", "titok_jax_model": json.dumps(model_config.to_dict())}

@@ -1,0 +1,142 @@
+"""The one table of released model variants and the builders that turn a config into modules.
+
+``configs/*.py`` and :func:`titok_jax.load_tokenizer` both read this table, so a variant is
+defined exactly once. Sizes follow the official ``small/base/large`` ViT tables.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from titok_jax.models.maskgit_vqgan import MaskGITVQGAN, VQGANArch
+from titok_jax.models.titok import TiTok, ViTArch
+
+VIT_SIZES: dict[str, ViTArch] = {
+    "small": ViTArch(width=512, depth=8, num_heads=8),
+    "base": ViTArch(width=768, depth=12, num_heads=12),
+    "large": ViTArch(width=1024, depth=24, num_heads=16),
+    # CPU-sized stand-ins for tests and the quickstart (and the parity fixtures' tiny keys).
+    "tiny32": ViTArch(width=32, depth=2, num_heads=2),
+    "tiny64": ViTArch(width=64, depth=2, num_heads=2),
+    "tiny96": ViTArch(width=96, depth=2, num_heads=3),
+}
+
+VQGAN_SIZES: dict[str, VQGANArch] = {
+    "maskgit": VQGANArch(),
+    "tiny": VQGANArch(hidden_channels=32, channel_mult=(1, 2, 1, 1, 1), num_res_blocks=1,
+                      z_channels=32, codebook_size=64),
+}
+
+# name -> model fields. "legacy" models are the two-stage releases (proxy-code decoder head +
+# MaskGIT-VQGAN pixel decoder); the rest are single-stage with a pixel head.
+_LEGACY = dict(quantize_mode="vq", codebook_size=4096, token_size=12, use_l2_norm=True,
+               is_legacy=True, finetune_decoder=True)
+_VQ8K = dict(quantize_mode="vq", codebook_size=8192, token_size=64, use_l2_norm=False,
+             is_legacy=False, finetune_decoder=False)
+_VAE = dict(quantize_mode="vae", codebook_size=0, token_size=16, use_l2_norm=False,
+            is_legacy=False, finetune_decoder=False)
+
+TITOK_VARIANTS: dict[str, dict[str, Any]] = {
+    "L-32": dict(encoder="large", decoder="large", num_latent_tokens=32, **_LEGACY),
+    "B-64": dict(encoder="base", decoder="base", num_latent_tokens=64, **_LEGACY),
+    "S-128": dict(encoder="small", decoder="small", num_latent_tokens=128, **_LEGACY),
+    "BL-64-VQ": dict(encoder="base", decoder="large", num_latent_tokens=64, **_VQ8K),
+    "BL-128-VQ": dict(encoder="base", decoder="large", num_latent_tokens=128, **_VQ8K),
+    "SL-256-VQ": dict(encoder="small", decoder="large", num_latent_tokens=256, **_VQ8K),
+    "LL-32-VAE": dict(encoder="large", decoder="large", num_latent_tokens=32, **_VAE),
+    "BL-64-VAE": dict(encoder="base", decoder="large", num_latent_tokens=64, **_VAE),
+    "BL-128-VAE": dict(encoder="base", decoder="large", num_latent_tokens=128, **_VAE),
+    # runlocal: a legacy two-stage model small enough to train on a laptop CPU.
+    "tiny": dict(encoder="tiny64", decoder="tiny64", num_latent_tokens=16, vqgan="tiny",
+                 **{**_LEGACY, "codebook_size": 256}),
+}
+
+# Names accepted by load_tokenizer / the CLI (short names and the official HF repo names).
+MODEL_NAMES: dict[str, str] = {
+    "titok_l32": "L-32", "titok_b64": "B-64", "titok_s128": "S-128",
+    "titok_bl64_vq": "BL-64-VQ", "titok_bl128_vq": "BL-128-VQ", "titok_sl256_vq": "SL-256-VQ",
+    "titok_ll32_vae": "LL-32-VAE", "titok_bl64_vae": "BL-64-VAE", "titok_bl128_vae": "BL-128-VAE",
+    "titok_tiny": "tiny",
+    "tokenizer_titok_l32_imagenet": "L-32", "tokenizer_titok_b64_imagenet": "B-64",
+    "tokenizer_titok_s128_imagenet": "S-128",
+    "tokenizer_titok_bl64_vq8k_imagenet": "BL-64-VQ",
+    "tokenizer_titok_bl128_vq8k_imagenet": "BL-128-VQ",
+    "tokenizer_titok_sl256_vq8k_imagenet": "SL-256-VQ",
+    "tokenizer_titok_ll32_vae_c16_imagenet": "LL-32-VAE",
+    "tokenizer_titok_bl64_vae_c16_imagenet": "BL-64-VAE",
+    "tokenizer_titok_bl128_vae_c16_imagenet": "BL-128-VAE",
+}
+VQGAN_NAMES = {"maskgit_vqgan": "maskgit", "maskgit_vqgan_tiny": "tiny"}
+
+
+def titok_model_config(variant: str, *, stage: int | None = None) -> ml_collections.ConfigDict:
+    """The ``config.model`` block of a TiTok variant. ``stage=1`` drops the pixel decoder."""
+    if variant not in TITOK_VARIANTS:
+        raise ValueError(f"unknown TiTok variant {variant!r}; known: {sorted(TITOK_VARIANTS)}")
+    v = dict(TITOK_VARIANTS[variant])
+    if stage is not None:
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if not v["is_legacy"]:
+            raise ValueError(f"{variant} is a single-stage model; stage={stage} does not apply")
+        v["finetune_decoder"] = stage == 2
+    cfg = ml_collections.ConfigDict(dict(
+        name="titok", variant=variant, encoder=v["encoder"], decoder=v["decoder"],
+        vqgan=v.get("vqgan", "maskgit"), num_latent_tokens=v["num_latent_tokens"],
+        token_size=v["token_size"], quantize_mode=v["quantize_mode"],
+        codebook_size=v["codebook_size"], use_l2_norm=v["use_l2_norm"], commitment_cost=0.25,
+        is_legacy=v["is_legacy"], finetune_decoder=v["finetune_decoder"], patch_size=16,
+        image_size=256, dtype="float32", remat=False))
+    return cfg
+
+
+def vqgan_model_config(size: str = "maskgit") -> ml_collections.ConfigDict:
+    if size not in VQGAN_SIZES:
+        raise ValueError(f"unknown VQGAN size {size!r}; known: {sorted(VQGAN_SIZES)}")
+    return ml_collections.ConfigDict(dict(name="maskgit_vqgan", size=size, dtype="float32"))
+
+
+def _lookup(table: dict[str, Any], key: str, what: str) -> Any:
+    if key not in table:
+        raise ValueError(f"unknown {what} {key!r}; known: {sorted(table)}")
+    return table[key]
+
+
+def _check_keys(cfg: ml_collections.ConfigDict, allowed: set[str]) -> None:
+    unknown = sorted(set(cfg.keys()) - allowed)
+    if unknown:
+        raise ValueError(f"unknown model config keys {unknown} for {cfg.get('name')!r}; "
+                         f"allowed: {sorted(allowed)}")
+
+
+def build_model(cfg: ml_collections.ConfigDict | dict):
+    """Builds the Flax module described by a ``config.model`` block."""
+    import jax.numpy as jnp
+    cfg = ml_collections.ConfigDict(dict(cfg))
+    dtype = jnp.dtype(cfg.get("dtype", "float32"))
+    if cfg.name == "maskgit_vqgan":
+        _check_keys(cfg, {"name", "size", "dtype"})
+        return MaskGITVQGAN(_lookup(VQGAN_SIZES, cfg.size, "VQGAN size"), dtype)
+    if cfg.name != "titok":
+        raise ValueError(f"unknown model name {cfg.name!r}; expected 'titok' or 'maskgit_vqgan'")
+    fields = {f.name for f in dataclasses.fields(TiTok) if f.init} - {
+        "parent", "name", "encoder_arch", "decoder_arch", "vqgan_arch", "dtype"}
+    _check_keys(cfg, fields | {"name", "variant", "encoder", "decoder", "vqgan", "dtype"})
+    kwargs = {k: cfg[k] for k in fields if k in cfg}
+    return TiTok(encoder_arch=_lookup(VIT_SIZES, cfg.encoder, "ViT size"),
+                 decoder_arch=_lookup(VIT_SIZES, cfg.decoder, "ViT size"),
+                 vqgan_arch=_lookup(VQGAN_SIZES, cfg.get("vqgan", "maskgit"), "VQGAN size"),
+                 dtype=dtype, **kwargs)
+
+
+def model_config_for(name: str) -> ml_collections.ConfigDict:
+    """``config.model`` for a model name (``titok_l32``, ``maskgit_vqgan``, a variant, ...)."""
+    if name in VQGAN_NAMES:
+        return vqgan_model_config(VQGAN_NAMES[name])
+    if name in MODEL_NAMES:
+        return titok_model_config(MODEL_NAMES[name])
+    if name in TITOK_VARIANTS:
+        return titok_model_config(name)
+    raise ValueError(f"unknown model {name!r}; known: {sorted(MODEL_NAMES) + sorted(VQGAN_NAMES)}")
