@@ -42,7 +42,7 @@ class CheckpointMismatchError(ValueError):
     """A state dict does not fit the model: lists every missing/unexpected/mis-shaped key."""
 
     def __init__(self, model: str, missing: list[str], unexpected: list[str],
-                 misshaped: list[str]):
+                 misshaped: list[str], hint: str = ""):
         self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
         parts = [f"checkpoint does not match {model}:"]
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
@@ -50,6 +50,8 @@ class CheckpointMismatchError(ValueError):
             if items:
                 shown = items if len(items) <= 40 else items[:40] + [f"... {len(items) - 40} more"]
                 parts.append(f"  {len(items)} {label}:\n    " + "\n    ".join(shown))
+        if hint:
+            parts.append(f"  hint: {hint}")
         super().__init__("\n".join(parts))
 
 
@@ -153,3 +155,19 @@ def export_state_dict(params: Mapping, name_map: NameMap) -> dict[str, np.ndarra
     for e in name_map.entries(params):
         out[e.torch_key] = np.ascontiguousarray(e.transform.to_torch(np.asarray(flat[e.flax_path])))
     return out
+
+
+def check_params(params: Mapping, abstract_params: Mapping, model: str) -> dict:
+    """Checks a Flax param tree against the model's abstract tree; returns it cast to the
+    expected dtypes. Raises :class:`CheckpointMismatchError` listing every difference."""
+    got = traverse_util.flatten_dict(_unfreeze(params), sep="/")
+    want = traverse_util.flatten_dict(_unfreeze(abstract_params), sep="/")
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    misshaped = sorted(f"{k}: checkpoint {tuple(np.shape(got[k]))}, model expects "
+                       f"{tuple(want[k].shape)}" for k in set(got) & set(want)
+                       if tuple(np.shape(got[k])) != tuple(want[k].shape))
+    if missing or unexpected or misshaped:
+        raise CheckpointMismatchError(model, missing, unexpected, misshaped)
+    return traverse_util.unflatten_dict(
+        {k: np.asarray(v).astype(want[k].dtype) for k, v in got.items()}, sep="/")
