@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Mapping
 
 import numpy as np
@@ -61,7 +62,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except ImportError as e:
             raise ImportError(f"reading {path} needs PyTorch: pip install 'titok-jax[torch]', "
                               "or convert the file to .safetensors first") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path} holds objects other than tensors; refusing to unpickle it "
+                             f"(loaded with weights_only=True): {str(e).splitlines()[0]}") from e
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
         bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
