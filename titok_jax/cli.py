@@ -123,6 +123,18 @@ def cmd_sample_images(args) -> int:
     return 0
 
 
+def cmd_train(args, overrides: list[str]) -> int:
+    from titok_jax.config_arg import apply_overrides, load_config
+    from titok_jax.train import launch
+    config = load_config(args.config)
+    apply_overrides(config, overrides)
+    launch.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    from titok_jax.train.titok import train_and_evaluate
+    train_and_evaluate(config, args.workdir)
+    print(f"training done; checkpoints, TensorBoard logs and image grids are in {args.workdir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="titok-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import)
 
+    p = sub.add_parser("train", help="train a tokenizer; --config.KEY=VALUE overrides config keys")
+    p.add_argument("--config", required=True, help="configs/titok.py[:variant=L-32,stage=1]")
+    p.add_argument("--workdir", required=True, help="checkpoints, logs; resumes if present")
+    p.add_argument("--coordinator", default=None,
+                   help="host:port of process 0 for multi-process runs (else auto-detected on "
+                        "TPU pods / SLURM, or single-process)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("sample-images", help="write the sample photos bundled with scikit-image")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample_images)
@@ -160,8 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    overrides = [r[len("--config."):] for r in rest if r.startswith("--config.")]
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown or (overrides and args.command != "train"):
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown or rest)}")
     try:
+        if args.command == "train":
+            return args.func(args, overrides)
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -48,9 +48,12 @@ TITOK_VARIANTS: dict[str, dict[str, Any]] = {
     "LL-32-VAE": dict(encoder="large", decoder="large", num_latent_tokens=32, **_VAE),
     "BL-64-VAE": dict(encoder="base", decoder="large", num_latent_tokens=64, **_VAE),
     "BL-128-VAE": dict(encoder="base", decoder="large", num_latent_tokens=128, **_VAE),
-    # runlocal: a legacy two-stage model small enough to train on a laptop CPU.
+    # CPU-sized models for tests and the quickstart: a two-stage (proxy-code) one with a tiny
+    # VQGAN, and a single-stage pixel-head one.
     "tiny": dict(encoder="tiny64", decoder="tiny64", num_latent_tokens=16, vqgan="tiny",
                  **{**_LEGACY, "codebook_size": 256}),
+    "tiny-pixel": dict(encoder="tiny64", decoder="tiny64", num_latent_tokens=32,
+                       **{**_VQ8K, "codebook_size": 256, "token_size": 12, "use_l2_norm": True}),
 }
 
 # Names accepted by load_tokenizer / the CLI (short names and the official HF repo names).
@@ -58,7 +61,7 @@ MODEL_NAMES: dict[str, str] = {
     "titok_l32": "L-32", "titok_b64": "B-64", "titok_s128": "S-128",
     "titok_bl64_vq": "BL-64-VQ", "titok_bl128_vq": "BL-128-VQ", "titok_sl256_vq": "SL-256-VQ",
     "titok_ll32_vae": "LL-32-VAE", "titok_bl64_vae": "BL-64-VAE", "titok_bl128_vae": "BL-128-VAE",
-    "titok_tiny": "tiny",
+    "titok_tiny": "tiny", "titok_tiny_pixel": "tiny-pixel",
     "tokenizer_titok_l32_imagenet": "L-32", "tokenizer_titok_b64_imagenet": "B-64",
     "tokenizer_titok_s128_imagenet": "S-128",
     "tokenizer_titok_bl64_vq8k_imagenet": "BL-64-VQ",

@@ -53,13 +53,20 @@ def load_image(path: str) -> Image.Image:
         raise BadImageError(f"{path}: cannot decode image ({e})") from e
 
 
-def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side -> ``size`` (bicubic, antialiased), center crop; float32 [size, size, 3] in
-    [0, 1]."""
+def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side -> ``size`` with PIL's bicubic filter, which antialiases when shrinking, as
+    torchvision's ``Resize(size, BICUBIC, antialias=True)`` does; the longer side stays >= size."""
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    return img.resize((nw, nh), Image.Resampling.BICUBIC)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """Shorter side -> ``size`` (bicubic, antialiased), center crop; float32 [size, size, 3] in
+    [0, 1]."""
+    img = resize_shorter_side(img, size)
+    nw, nh = img.size
     left, top = (nw - size) // 2, (nh - size) // 2
     img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.float32) / 255.0

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The main job: train a tiny TiTok on the embedded photo dataset (CPU, a few minutes), then write
+# reconstructions of held-out crops and an input|reconstruction grid.
+#   bash launch/quickstart.sh [WORKDIR] [--config.KEY=VALUE ...]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORKDIR="${1:-$ROOT/workdir/quickstart}"
+shift || true
+source "$ROOT/launch/env.sh"
+cd "$ROOT"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+titok-jax train --config configs/titok.py:runlocal --workdir "$WORKDIR" \
+  --config.data.data_dir="$ROOT/.cache/tfds" "$@"
+echo
+echo "held-out reconstructions and grid: $WORKDIR/reconstructions/grid.png"
+echo "training image grids:              $WORKDIR/images/"
+echo "trained tokenizer (titok-jax):     $WORKDIR/export/"
+echo "TensorBoard logs:                  tensorboard --logdir $WORKDIR"

@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmarks in ``launch/``: timing, FLOPs from XLA's cost analysis, and
+the peak used for model FLOP utilisation (MFU)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import types
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from titok_jax.variants import TITOK_VARIANTS, titok_model_config
+
+# device_kind substring -> dense (float32, bfloat16) TFLOP/s; first match wins. TPUs run float32
+# dots as bfloat16 MXU passes at the default precision, hence one figure for both.
+PEAK_TFLOPS = (("H100", 67.0, 989.0), ("H200", 67.0, 989.0), ("A100", 19.5, 312.0),
+               ("TPU v4", 275.0, 275.0), ("TPU v5 lite", 197.0, 197.0),
+               ("TPU v5e", 197.0, 197.0), ("TPU v5", 459.0, 459.0))
+
+
+def timings(call: Callable[[], Any], warmup: int, iters: int) -> list[float]:
+    """Seconds of each of ``iters`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(call: Callable[[], Any], warmup: int, iters: int) -> float:
+    return statistics.median(timings(call, warmup, iters))
+
+
+def compiled_flops(compiled: Any) -> float:
+    """``flops`` of an executable's cost analysis (a dict, or a list of per-program dicts)."""
+    analysis = compiled.cost_analysis() or {}
+    entries = analysis if isinstance(analysis, (list, tuple)) else [analysis]
+    return float(sum(entry.get("flops", 0.0) for entry in entries))
+
+
+def measured_matmul_gflops(n: int = 2048, iters: int = 5) -> float:
+    """Best achieved float32 ``n x n`` matmul GFLOP/s on the default device (fastest call)."""
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul).lower(a, a).compile()
+    seconds = min(timings(lambda: matmul(a, a).block_until_ready(), 1, iters))
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def peak_gflops(device: Any, override: float | None) -> tuple[dict[str, float], str]:
+    """Peak GFLOP/s per compute dtype, and where the figure comes from."""
+    if override is not None:
+        return {"float32": override, "bfloat16": override}, "--peak-gflops"
+    if device.platform != "cpu":
+        for kind, f32, bf16 in PEAK_TFLOPS:
+            if kind.lower() in device.device_kind.lower():
+                return {"float32": f32 * 1e3, "bfloat16": bf16 * 1e3}, f"table entry {kind!r}"
+    gflops = measured_matmul_gflops()
+    return ({"float32": gflops, "bfloat16": gflops},
+            f"best float32 2048x2048 matmul measured now ({gflops:.1f} GFLOP/s), for both dtypes")
+
+
+def print_header(device: Any, peak_source: str) -> None:
+    precision = jax.config.jax_default_matmul_precision or "backend default"
+    notes = {"cpu": "full float32", "gpu": "float32 dots may run as TF32",
+             "tpu": "float32 dots run as bfloat16 MXU passes"}
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, device {device.device_kind} "
+          f"(x{jax.device_count()}), {os.cpu_count()} CPUs")
+    print(f"matmul precision: {precision} ({notes.get(device.platform, 'backend-specific')})")
+    print(f"peak for MFU: {peak_source}")
+    load = os.getloadavg()[0]
+    if device.platform == "cpu" and load > 0.5 * (os.cpu_count() or 1):
+        print(f"WARNING: machine is busy (1-min load {load:.2f}), figures are pessimistic")
+
+
+OFFICIAL_DEPS = ("torch", "einops", "omegaconf", "huggingface_hub", "accelerate")
+OFFICIAL_VIT_SIZES = ("small", "base", "large")
+
+
+def load_official_titok(src: str) -> type | None:
+    """The official ``TiTok`` class, or None (with the reason printed) if it cannot be imported."""
+    missing = [name for name in OFFICIAL_DEPS if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"[official] skipped: missing packages; pip install {' '.join(missing)}")
+        return None
+    if not os.path.isfile(os.path.join(src, "modeling", "titok.py")):
+        print(f"[official] skipped: {src} has no modeling/titok.py")
+        return None
+    # The packages' __init__ files import training-only code (losses, torchvision, diffusion);
+    # registering them as bare packages imports just the modules TiTok needs.
+    for package in ("modeling", "modeling.modules", "modeling.quantizer"):
+        stub = types.ModuleType(package)
+        stub.__path__ = [os.path.join(src, *package.split("."))]
+        sys.modules.setdefault(package, stub)
+    sys.path.insert(0, src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from modeling.titok import TiTok
+    except ImportError as err:
+        print(f"[official] skipped: {err}; pip install the missing package")
+        return None
+    return TiTok
+
+
+def official_config(variant: str) -> Any:
+    from omegaconf import OmegaConf
+    cfg, row = titok_model_config(variant), TITOK_VARIANTS[variant]
+    vq_model = {key: cfg[key] for key in ("codebook_size", "token_size", "use_l2_norm",
+                                          "commitment_cost", "num_latent_tokens",
+                                          "finetune_decoder", "is_legacy", "quantize_mode")}
+    vq_model.update(vit_enc_model_size=row["encoder"], vit_dec_model_size=row["decoder"],
+                    vit_enc_patch_size=cfg.patch_size, vit_dec_patch_size=cfg.patch_size)
+    return OmegaConf.create({"model": {"vq_model": vq_model},
+                             "dataset": {"preprocessing": {"crop_size": cfg.image_size}}})

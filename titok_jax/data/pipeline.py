@@ -1,0 +1,377 @@
+"""Deterministic, resumable per-host input pipeline over a TFDS random-access (array_record) split.
+
+Hosts read raw JPEG bytes by index; decoding and transforms run in a thread pool (PIL releases
+the GIL).
+
+Training batches are a pure function of ``(seed, step)`` and do not depend on the number of
+hosts:
+
+- slot ``g`` of global batch ``step`` is global position ``p = step * global_batch + g``, i.e.
+  example ``perm_e[p % N]`` of the split's ``N`` examples, with ``e = p // N`` and ``perm_e``
+  the permutation drawn from ``np.random.default_rng([seed, e])``;
+- host ``h`` of ``H`` reads and decodes only its slots ``g in [h*b, (h+1)*b)``, where
+  ``b = global_batch / H``;
+- the crop and flip of slot ``g`` come from ``np.random.default_rng([seed, step, g])``.
+
+So a 2-host run trains on exactly the global batches of a 1-host run, and resuming at step ``k``
+needs nothing but ``k``: no iterator state to checkpoint, and the seek is O(1).
+
+Evaluation instead gives each host its own slice of the split (``tfds.split_for_jax_process``).
+
+Bad examples never stop a run. An undecodable one (truncated, not an image) is replaced by the
+example at the next position of the permutation, so the batch stays full (that example then shows
+up twice); in eval it becomes a masked slot. Grayscale, CMYK, palette, 16-bit and alpha images
+are converted to RGB, and images smaller than the target size are upsampled by the resize. All
+three are counted in ``pipeline.stats``, and skipped examples are logged by file name.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from titok_jax.data.images import BadImageError, resize_center_crop, resize_shorter_side, to_rgb
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+DatasetArg = str | tfds.core.DatasetBuilder
+# An image transform: (RGB image, size, rng or None) -> float32 [size, size, 3] in [0, 1].
+Transform = Callable[[Image.Image, int, np.random.Generator | None], np.ndarray]
+
+
+def decode_rgb(data: bytes) -> tuple[Image.Image, bool]:
+    """Fully decodes encoded image bytes to RGB; returns the image and whether its mode had to be
+    converted. Raises :class:`BadImageError` for bytes that do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            # load() forces the whole decode, so a truncated file fails here, not later.
+            img.load()
+            return to_rgb(img), img.mode != "RGB"
+    # Broad on purpose: on malformed data PIL's plugins raise many types (OSError, SyntaxError,
+    # struct.error, IndexError, DecompressionBombError, ...), and any of them means a bad file.
+    except Exception as e:
+        raise BadImageError(f"cannot decode image ({e})") from e
+
+
+def train_transform(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """The official TiTok train recipe: shorter side -> ``size`` (bicubic, antialiased), random
+    ``size`` x ``size`` crop, random horizontal flip."""
+    arr = np.asarray(resize_shorter_side(img, size))
+    top = rng.integers(0, arr.shape[0] - size + 1)
+    left = rng.integers(0, arr.shape[1] - size + 1)
+    arr = arr[top:top + size, left:left + size]
+    if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    return np.asarray(arr, dtype=np.float32) / 255.0
+
+
+def eval_transform(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Shorter side -> ``size`` (bicubic, antialiased), center crop."""
+    return resize_center_crop(img, size)
+
+
+def _process(data: bytes, size: int, transform: Transform,
+             rng_seed: list[int] | None) -> tuple[np.ndarray, bool, bool]:
+    """Decode + transform of one example (runs in the pool); -> (image, converted, upsampled)."""
+    img, converted = decode_rgb(data)
+    upsampled = min(img.size) < size
+    rng = None if rng_seed is None else np.random.default_rng(rng_seed)
+    return transform(img, size, rng), converted, upsampled
+
+
+def _as_str(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class _HostPipeline:
+    """This host's slice of a split, read by index with a decode pool and bad-example counters."""
+
+    def __init__(self, dataset: DatasetArg, *, data_dir: str | None, split: str,
+                 per_host_batch: int, image_size: int, process_index: int | None,
+                 process_count: int | None, num_threads: int | None, prefetch: int,
+                 host_slice: bool):
+        if per_host_batch < 1:
+            raise ValueError(f"per_host_batch must be >= 1, got {per_host_batch}")
+        self.builder = (tfds.builder(dataset, data_dir=data_dir) if isinstance(dataset, str)
+                        else dataset)
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        self.split = split
+        self.host_split = tfds.split_for_jax_process(
+            split, process_index=self.process_index, process_count=self.process_count
+        ) if host_slice else split
+        self.num_examples = self.builder.info.splits[self.host_split].num_examples
+        # SkipDecoding: we get the stored bytes and decode ourselves, so that bad images can be
+        # converted or skipped instead of raising inside TFDS. array_record refuses an empty
+        # slice (more hosts than examples); such a host reads nothing.
+        self.source = self.builder.as_data_source(
+            self.host_split, decoders={"image": tfds.decode.SkipDecoding()}
+        ) if self.num_examples else None
+        self.per_host_batch = per_host_batch
+        self.image_size = image_size
+        self.prefetch = prefetch
+        # Events over every batch produced so far (prefetched ones included), not unique files.
+        self.stats = {"skipped_corrupt": 0, "converted_mode": 0, "upsampled_small": 0}
+        self._bad: set[int] = set()
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            num_threads or min(8, os.cpu_count() or 1), thread_name_prefix="titok-data")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _read(self, indices: list[int]) -> list[dict[str, Any]]:
+        # One bulk read keeps all array_record access on the calling thread.
+        return list(self.source.__getitems__(indices)) if indices else []
+
+    def _decode(self, records: list[dict[str, Any]], transform: Transform,
+                rng_seeds: list[list[int] | None]) -> list[np.ndarray | BadImageError]:
+        """Decodes records in the pool; counts conversions/upsamplings of the good ones and
+        returns the error in place of an image for the bad ones."""
+        futures = [self._pool.submit(_process, r["image"], self.image_size, transform, s)
+                   for r, s in zip(records, rng_seeds)]
+        out: list[np.ndarray | BadImageError] = []
+        for future in futures:
+            try:
+                image, converted, upsampled = future.result()
+            except BadImageError as e:
+                out.append(e)
+                continue
+            with self._lock:
+                self.stats["converted_mode"] += converted
+                self.stats["upsampled_small"] += upsampled
+            out.append(image)
+        return out
+
+    def _skip(self, index: int, record: dict[str, Any] | None, error: Exception | None) -> None:
+        """Counts a skipped example; warns the first time an index turns out bad."""
+        with self._lock:
+            self.stats["skipped_corrupt"] += 1
+            first = index not in self._bad
+            self._bad.add(index)
+        if first:
+            name = _as_str(record.get("file_name", "?")) if record else "?"
+            log.warning("skipping undecodable example %s (index %d of %s split %r, host %d of "
+                        "%d): %s", name, index, self.builder.name, self.split,
+                        self.process_index, self.process_count, error)
+
+    def _is_known_bad(self, index: int) -> bool:
+        with self._lock:
+            return index in self._bad
+
+    def _prefetched(self, produce: Callable[[int], Batch],
+                    keys: Iterable[int]) -> Iterator[tuple[int, Batch]]:
+        """Yields ``(k, produce(k))`` for ``keys``, computed by a background thread that runs up
+        to ``self.prefetch`` batches ahead; stops the thread when the consumer stops."""
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+        done = object()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def work() -> None:
+            try:
+                for k in keys:
+                    if not put((k, produce(k))):
+                        return
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                put(e)
+                return
+            put(done)
+
+        thread = threading.Thread(target=work, name="titok-data-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
+class TrainPipeline(_HostPipeline):
+    """Endless shuffled training batches; ``batch(step)`` is this host's share of global batch
+    ``step``, a pure function of ``(seed, step)``, so a resumed run (or one with another number
+    of hosts) sees exactly the same global batches.
+
+    Batches: ``{"image": float32 [b, S, S, 3] in [0, 1], "label": int32 [b]}`` with
+    ``b = global_batch / process_count``.
+    """
+
+    def __init__(self, dataset: DatasetArg, *, data_dir: str | None = None,
+                 split: str = "train", global_batch: int, image_size: int = 256, seed: int = 0,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_threads: int | None = None, prefetch: int = 2):
+        count = jax.process_count() if process_count is None else process_count
+        if global_batch % count:
+            raise ValueError(f"global_batch {global_batch} is not divisible by the {count} hosts")
+        super().__init__(dataset, data_dir=data_dir, split=split,
+                         per_host_batch=global_batch // count, image_size=image_size,
+                         process_index=process_index, process_count=count,
+                         num_threads=num_threads, prefetch=prefetch, host_slice=False)
+        if self.num_examples == 0:
+            raise ValueError(f"split {split!r} of {self.builder.name} has no examples")
+        self.global_batch = global_batch
+        self.seed = seed
+        self._permutations: dict[int, np.ndarray] = {}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full global batches per pass over the split."""
+        return self.num_examples // self.global_batch
+
+    def _index_at(self, position: int) -> int:
+        """Example index at global position ``position`` of the endless epoch sequence."""
+        epoch, offset = divmod(position, self.num_examples)
+        with self._lock:
+            perm = self._permutations.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+                # A batch touches at most two consecutive epochs; keep those.
+                self._permutations = {e: p for e, p in self._permutations.items()
+                                      if e == epoch - 1}
+                self._permutations[epoch] = perm
+        return int(perm[offset])
+
+    def batch(self, step: int) -> Batch:
+        """This host's batch for global step ``step``."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        b = self.per_host_batch
+        slots = [self.process_index * b + i for i in range(b)]
+        positions = [step * self.global_batch + g for g in slots]
+        seeds = [[self.seed, step, g] for g in slots]
+        indices = [self._index_at(p) for p in positions]
+        records = self._read(indices)
+        images = self._decode(records, train_transform, seeds)
+        labels = [int(r["label"]) for r in records]
+        for i, image in enumerate(images):
+            if isinstance(image, BadImageError):
+                images[i], labels[i] = self._replacement(positions[i], records[i], image,
+                                                         seeds[i])
+        return {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+
+    def _replacement(self, position: int, record: dict[str, Any], error: Exception,
+                     seed: list[int]) -> tuple[np.ndarray, int]:
+        """The first decodable example after ``position`` in the permutation order, transformed
+        with the failed slot's rng (so the result does not depend on how often we retried)."""
+        self._skip(self._index_at(position), record, error)
+        for p in range(position + 1, position + 1 + self.num_examples):
+            index = self._index_at(p)
+            if self._is_known_bad(index):
+                self._skip(index, None, None)
+                continue
+            [record] = self._read([index])
+            [image] = self._decode([record], train_transform, [seed])
+            if not isinstance(image, BadImageError):
+                return image, int(record["label"])
+            self._skip(index, record, image)
+        raise RuntimeError(f"no decodable example in split {self.host_split} of "
+                           f"{self.builder.name}")
+
+    def iterate(self, start_step: int = 0,
+                end_step: int | None = None) -> Iterator[tuple[int, Batch]]:
+        """``(step, batch)`` from ``start_step`` up to ``end_step`` (exclusive; endless if None),
+        prepared ``prefetch`` batches ahead by a background thread."""
+        steps = itertools.count(start_step) if end_step is None else range(start_step, end_step)
+        return self._prefetched(self.batch, steps)
+
+
+class EvalPipeline(_HostPipeline):
+    """One ordered pass over this host's slice of a split, with the eval transform, padded to
+    whole batches: ``{"image", "label", "mask": bool [b]}`` (mask False on padding and on
+    undecodable examples). Every host yields the same number of batches, :attr:`num_batches`,
+    so collective ops in the eval step line up; hosts with fewer examples add fully masked ones.
+    """
+
+    def __init__(self, dataset: DatasetArg, *, data_dir: str | None = None,
+                 split: str = "validation", per_host_batch: int, image_size: int = 256,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_threads: int | None = None, prefetch: int = 2):
+        super().__init__(dataset, data_dir=data_dir, split=split, per_host_batch=per_host_batch,
+                         image_size=image_size, process_index=process_index,
+                         process_count=process_count, num_threads=num_threads,
+                         prefetch=prefetch, host_slice=True)
+        # The sizes of every host's slice, from the split metadata (the same on all hosts).
+        self.host_counts = [self.builder.info.splits[s].num_examples
+                            for s in tfds.even_splits(split, n=self.process_count)]
+        self.num_batches = math.ceil(max(self.host_counts) / per_host_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batch(self, k: int) -> Batch:
+        """Batch ``k`` of ``num_batches``: host examples ``k * b ...`` in split order."""
+        b, size = self.per_host_batch, self.image_size
+        indices = [i for i in range(k * b, (k + 1) * b) if i < self.num_examples]
+        records = self._read(indices)
+        images = np.zeros((b, size, size, 3), np.float32)
+        labels = np.zeros((b,), np.int32)
+        mask = np.zeros((b,), bool)
+        decoded = self._decode(records, eval_transform, [None] * len(records))
+        for i, (index, record, image) in enumerate(zip(indices, records, decoded)):
+            labels[i] = int(record["label"])
+            if isinstance(image, BadImageError):
+                self._skip(index, record, image)
+                continue
+            images[i], mask[i] = image, True
+        return {"image": images, "label": labels, "mask": mask}
+
+    def __iter__(self) -> Iterator[Batch]:
+        for _, batch in self._prefetched(self.batch, range(self.num_batches)):
+            yield batch
+
+
+def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Assembles every host's batch into global arrays (batch axis split over hosts), e.g. with
+    ``NamedSharding(mesh, P("data"))``."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def resolve_data_dir(data_config) -> str:
+    """The TFDS data dir of a ``config.data`` block; prepares the embedded photo dataset there
+    first when ``data_config.embedded`` (idempotent, offline)."""
+    data_dir = data_config.data_dir or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    if data_config.embedded:
+        from titok_jax.data.embedded import prepare_embedded_imagenet
+        prepare_embedded_imagenet(data_dir)
+    return data_dir
+
+
+def first_eval_images(data_config, data_dir: str, n: int, image_size: int) -> np.ndarray:
+    """The first ``n`` decodable images of the eval split (eval transform), for image grids."""
+    with EvalPipeline(data_config.dataset, data_dir=data_dir, split=data_config.eval_split,
+                      per_host_batch=n, image_size=image_size, process_index=0,
+                      process_count=1) as pipe:
+        batch = pipe.batch(0)
+    return batch["image"][batch["mask"]]

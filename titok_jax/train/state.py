@@ -1,0 +1,68 @@
+"""Train state, optimizer and EMA shared by the trainers.
+
+The optimizer follows the official TiTok recipe: AdamW with a linear warm-up from 0 and a cosine
+decay to ``end_lr``, global-norm clipping, and no weight decay on norms, biases, embeddings and
+learned tokens. Which parameters decay is decided on their *official PyTorch names* with the
+official substring rule, so the grouping is the same as in the reference code.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from titok_jax.convert.layout import NameMap
+
+# Official no-decay rule: any of these substrings in the PyTorch parameter name, or ndim < 2.
+NO_DECAY_SUBSTRINGS = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm",
+                       "gamma", "embed")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def learning_rate_schedule(opt_cfg) -> optax.Schedule:
+    """Linear warm-up 0 -> lr over ``warmup_steps``, then cosine to ``end_lr`` at ``total_steps``."""
+    warmup = optax.linear_schedule(0.0, opt_cfg.lr, max(int(opt_cfg.warmup_steps), 1))
+    decay_steps = max(int(opt_cfg.total_steps) - int(opt_cfg.warmup_steps), 1)
+    cosine = optax.cosine_decay_schedule(opt_cfg.lr, decay_steps, alpha=opt_cfg.end_lr / opt_cfg.lr)
+    return optax.join_schedules([warmup, cosine], [int(opt_cfg.warmup_steps)])
+
+
+def decay_mask(params: Any, name_map: NameMap) -> Any:
+    """True where weight decay applies (official grouping by PyTorch name)."""
+    entries = {e.flax_path: e.torch_key for e in name_map.entries(params)}
+
+    def decays(path, leaf):
+        key = entries[tuple(getattr(k, "key", k) for k in path)]
+        return leaf.ndim >= 2 and not any(s in key for s in NO_DECAY_SUBSTRINGS)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(opt_cfg, params: Any, name_map: NameMap) -> tuple[
+        optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(opt_cfg)
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt_cfg.grad_clip),
+        optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                    weight_decay=opt_cfg.weight_decay, mask=decay_mask(params, name_map)))
+    return tx, schedule
+
+
+def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
+    """Official EMAModel without warm-up: min(max_decay, (1 + s) / (10 + s)), s = update index."""
+    s = step.astype(jnp.float32)
+    return jnp.minimum(max_decay, (1.0 + s) / (10.0 + s))
+
+
+def ema_update(ema: Any, params: Any, step: jax.Array, max_decay: float) -> Any:
+    d = ema_decay(step, max_decay)
+    return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)

@@ -1,0 +1,354 @@
+"""TiTok tokenizer training, big_vision style: read it top to bottom.
+
+mesh -> data -> abstract shapes -> shardings -> params born sharded -> jitted step -> restore
+-> loop (metrics, image grids, checkpoints, preemption).
+
+Objectives (``config.loss``):
+* ``proxy_ce`` (stage 1 of the paper): the frozen MaskGIT-VQGAN encodes the batch inside the
+  step to proxy codes; loss = cross-entropy of the decoder's proxy logits + quantizer loss.
+* ``pixel_l2``: mean squared error of the pixel-head reconstruction + quantizer loss (the
+  reconstruction term of the single-stage recipe; used by the CPU quickstart, which has no
+  pretrained teacher).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from titok_jax import sharding, variants
+from titok_jax.convert.official import TITOK_MAP, import_official, read_state_dict
+from titok_jax.data import pipeline as data_lib
+from titok_jax.losses import stage1_loss
+from titok_jax.train import checkpoint as ckpt_lib
+from titok_jax.train.state import TrainState, ema_update, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def codebook_stats(ids: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
+    """Fraction of codes used in the batch and the perplexity of their distribution."""
+    counts = jnp.zeros((codebook_size,), jnp.float32).at[ids.reshape(-1)].add(1.0)
+    p = counts / jnp.maximum(counts.sum(), 1.0)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return {"codebook_usage": jnp.mean(counts > 0), "codebook_perplexity": jnp.exp(entropy)}
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.tree.norm(tree)
+
+
+def make_train_step(model, teacher, config, tx, schedule):
+    """The pure step ``(state, batch, teacher_params, key) -> (state, metrics)``."""
+    quantizer_weight = config.quantizer_weight
+    codebook_size = config.model.codebook_size
+
+    def loss_fn(params, images, targets):
+        out = model.apply({"params": params}, images)
+        if config.loss == "proxy_ce":
+            loss, terms = stage1_loss(out.decoded, targets, out.quantizer, quantizer_weight)
+            terms["proxy_accuracy"] = jnp.mean(
+                jnp.argmax(out.decoded, -1).reshape(targets.shape) == targets)
+        else:
+            mse = jnp.mean(jnp.square(out.decoded - images))
+            q = quantizer_weight * out.quantizer.quantizer_loss
+            loss, terms = mse + q, {"reconstruction_loss": mse, "quantizer_loss": q}
+        return loss, (terms, out.ids)
+
+    def step(state: TrainState, batch: dict, teacher_params: Any, key: jax.Array):
+        images = batch["image"]
+        targets = None
+        if config.loss == "proxy_ce":
+            targets = jax.lax.stop_gradient(
+                teacher.apply({"params": teacher_params}, images, method=teacher.encode))
+        (loss, (terms, ids)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, images, targets)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm, update_norm = _global_norm(grads), _global_norm(updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+        new = TrainState(step=state.step + 1, params=params,
+                         ema_params=ema_update(state.ema_params, params, state.step,
+                                               config.ema_decay),
+                         opt_state=opt_state)
+        # A non-finite step leaves the state untouched; the host stops on the flag.
+        new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {"loss": loss, **terms, **codebook_stats(ids, codebook_size),
+                   "grad_norm": grad_norm, "param_norm": _global_norm(params),
+                   "update_norm": update_norm, "learning_rate": schedule(state.step),
+                   "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        del key  # reserved for stochastic objectives (VAE sampling); RNG = fold_in(seed, step)
+        return new, metrics
+
+    return step
+
+
+def _build_teacher(config):
+    """The frozen MaskGIT-VQGAN (proxy-code teacher and stage-1 image decoder), or (None, {})
+    when the objective needs no teacher."""
+    if config.loss != "proxy_ce":
+        return None, {}
+    teacher_cfg = variants.vqgan_model_config(config.teacher.size)
+    teacher = variants.build_model(teacher_cfg)
+    abstract = jax.eval_shape(teacher.init, jax.random.PRNGKey(0),
+                              jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))["params"]
+    if config.teacher.weights:
+        params = import_official(read_state_dict(config.teacher.weights), abstract, teacher_cfg)
+    else:
+        log.warning("config.teacher.weights is empty: using a RANDOM MaskGIT-VQGAN as the "
+                    "proxy-code teacher (only meaningful for tests)")
+        params = jax.jit(teacher.init)(jax.random.PRNGKey(config.seed + 1),
+                                       jnp.zeros((1, 256, 256, 3)))["params"]
+    return teacher, params
+
+
+def _init_state(model, tx_factory, abstract_images):
+    def init(rng):
+        params = model.init(rng, jnp.zeros(abstract_images.shape, abstract_images.dtype))["params"]
+        tx, _ = tx_factory(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                          opt_state=tx.init(params))
+    return init
+
+
+def _load_init_weights(config, abstract_params):
+    """Optional warm start from an official or titok-jax checkpoint (``config.init_from``)."""
+    from titok_jax.convert import native
+    if native.is_native_dir(config.init_from):
+        from titok_jax.convert.layout import check_params
+        return check_params(native.load_native(config.init_from)[1], abstract_params,
+                            config.init_from)
+    return import_official(read_state_dict(config.init_from), abstract_params, config.model)
+
+
+def reconstruct_for_grid(model, teacher, config):
+    """A jitted (params, teacher_params, images) -> images in [0, 1] for image logging."""
+    def fn(params, teacher_params, images):
+        out = model.apply({"params": params}, images)
+        if config.loss == "proxy_ce":
+            codes = jnp.argmax(out.decoded, -1).reshape(images.shape[0], -1)
+            return teacher.apply({"params": teacher_params}, codes, method=teacher.decode)
+        return jnp.clip(out.decoded, 0.0, 1.0)
+    return jax.jit(fn)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything the loop needs, built for one mesh (tests build it for 1 and 8 devices)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model: Any
+    teacher: Any
+    teacher_params: Any
+    abstract_params: Any
+    abstract_state: Any            # ShapeDtypeStructs carrying their shardings
+    state_shardings: Any
+    init_state: Any                # jitted rng -> TrainState, born sharded
+    train_step: Any                # jitted (state, batch, teacher_params, key) -> (state, metrics)
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Trainer:
+    _check_supported(config)
+    if config.global_batch % mesh.size:
+        raise ValueError(f"global_batch {config.global_batch} is not divisible by the "
+                         f"{mesh.size} devices")
+    model = variants.build_model(config.model)
+    teacher, teacher_params = _build_teacher(config)
+    teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
+    size = config.model.image_size
+    abstract_images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    abstract_params = jax.eval_shape(model.init, jax.random.PRNGKey(0), abstract_images)["params"]
+    tx, schedule = make_optimizer(config.optimizer, abstract_params, TITOK_MAP)
+    init_fn = _init_state(model, lambda p: make_optimizer(config.optimizer, p, TITOK_MAP),
+                          abstract_images)
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    rules = [(r, jax.sharding.PartitionSpec(*spec)) for r, spec in config.mesh.rules]
+    state_shardings = sharding.tree_shardings(abstract_state, mesh, rules, fsdp=config.mesh.fsdp,
+                                              fsdp_min_size=config.mesh.fsdp_min_size)
+    abstract_state = jax.tree_util.tree_map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state,
+        state_shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    # The step is pure; the state is donated; RNG comes from fold_in(seed, step).
+    train_step = jax.jit(make_train_step(model, teacher, config, tx, schedule),
+                         donate_argnums=(0,),
+                         in_shardings=(state_shardings, batch_sharding, replicated, replicated),
+                         out_shardings=(state_shardings, replicated))
+    return Trainer(config, mesh, model, teacher, teacher_params, abstract_params, abstract_state,
+                   state_shardings, jax.jit(init_fn, out_shardings=state_shardings), train_step,
+                   batch_sharding)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains ``config.model`` in ``workdir`` (resuming from its checkpoints); returns the state."""
+    from clu import metric_writers, parameter_overview, periodic_actions
+
+    from titok_jax.data.images import save_png, side_by_side_grid
+
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # Mesh, model, shardings.
+    t = build_trainer(config, sharding.make_mesh())
+    model, teacher, teacher_params = t.model, t.teacher, t.teacher_params
+
+    # Data: every host reads its slice of each global batch.
+    data_dir = data_lib.resolve_data_dir(config.data)
+    train_data = data_lib.TrainPipeline(
+        dataset=config.data.dataset, data_dir=data_dir, split=config.data.train_split,
+        global_batch=config.global_batch, image_size=config.model.image_size, seed=config.seed,
+        num_threads=config.data.num_threads)
+    size = config.model.image_size
+
+    # Restore, or params born sharded.
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts,
+                                 save_every=config.ckpt_every)
+    restored = ckpt.restore_latest(t.abstract_state)
+    if restored is not None:
+        state, meta, step0 = restored
+        for key, value in (("data_seed", config.seed), ("global_batch", config.global_batch)):
+            if meta.get(key) != value:
+                raise ValueError(f"the checkpoint was trained with {key}={meta.get(key)}, the "
+                                 f"config says {value}: resuming would change the data order")
+        log.info("resumed from step %d in %s", step0, workdir)
+    else:
+        state = t.init_state(jax.random.PRNGKey(config.seed))
+        if config.init_from:
+            params = jax.device_put(_load_init_weights(config, t.abstract_params),
+                                    t.state_shardings.params)
+            state = state.replace(params=params,
+                                  ema_params=jax.tree_util.tree_map(jnp.copy, params))
+        step0 = 0
+    if is_main:
+        parameter_overview.log_parameter_overview(state.params, msg="TiTok parameters")
+
+    recon_fn = reconstruct_for_grid(model, teacher, config)
+    grid_images = data_lib.first_eval_images(config.data, data_dir, config.num_grid_images,
+                                             size) if config.image_every else None
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                             every_steps=config.log_every)
+    preempt = ckpt_lib.PreemptionFlag()
+    base_key = jax.random.PRNGKey(config.seed)
+    progress = _progress_bar(config, step0) if is_main else None
+    meta = {"data_seed": config.seed, "global_batch": config.global_batch}
+    last_log, pending = time.perf_counter(), None
+    try:
+        for step, host_batch in train_data.iterate(start_step=step0):
+            if step >= config.total_steps:
+                break
+            batch = data_lib.to_global(host_batch, t.batch_sharding)
+            state, metrics = t.train_step(state, batch, teacher_params,
+                                        jax.random.fold_in(base_key, step))
+            done = step + 1
+            report(done)
+            if progress is not None:
+                progress.update(1)
+            # Check the previous step's flag so the host does not wait on the current step.
+            if pending is not None:
+                _check_finite(pending, ckpt)
+            pending = (done, metrics["nonfinite"])
+            if done % config.log_every == 0 or done == config.total_steps:
+                _check_finite(pending, ckpt)
+                host = jax.device_get(metrics)
+                now = time.perf_counter()
+                host["images_per_sec"] = config.global_batch * config.log_every / (now - last_log)
+                last_log = now
+                host.update({f"data/{k}": v for k, v in train_data.stats.items()})
+                writer.write_scalars(done, {k: float(v) for k, v in host.items()})
+                if progress is not None:
+                    progress.set_postfix(loss=f"{float(host['loss']):.4f}")
+            if grid_images is not None and (done % config.image_every == 0
+                                            or done == config.total_steps):
+                recon = np.asarray(recon_fn(state.ema_params, teacher_params, grid_images))
+                grid = side_by_side_grid(zip(np.asarray(grid_images), recon))
+                writer.write_images(done, {"inputs_vs_reconstructions": grid[None]})
+                if is_main:
+                    save_png(grid, os.path.join(workdir, "images", f"step_{done:07d}.png"))
+            stop = done % config.preemption_check_every == 0 and preempt.should_stop()
+            final = stop or done == config.total_steps
+            if final or ckpt.due(done):
+                _check_finite((done, metrics["nonfinite"]), ckpt)  # never save a bad step
+                ckpt.save(done, state, {**meta, "step": done}, force=final)
+            if stop:
+                log.warning("stopped for preemption at step %d (checkpoint saved)", done)
+                break
+        if pending is not None:
+            _check_finite(pending, ckpt)
+        if is_main and int(state.step) >= config.total_steps:
+            _write_final_outputs(config, workdir, t, state, recon_fn, data_dir)
+    finally:
+        ckpt.close()
+        writer.flush()
+        preempt.restore()
+        train_data.close()
+        if progress is not None:
+            progress.close()
+    return state
+
+
+def _write_final_outputs(config, workdir, t, state, recon_fn, data_dir) -> None:
+    """The EMA tokenizer as a titok-jax folder (``export/``, loadable by ``load_tokenizer`` and
+    the CLI) and reconstructions of held-out images with their grid (``reconstructions/``)."""
+    from titok_jax.convert import native
+    from titok_jax.data.images import save_png, side_by_side_grid
+    ema = jax.device_get(state.ema_params)
+    native.save_native(os.path.join(workdir, "export"), config.model, ema)
+    if not config.num_grid_images:
+        return
+    images = data_lib.first_eval_images(config.data, data_dir, config.num_grid_images,
+                                        config.model.image_size)
+    recon = np.asarray(recon_fn(state.ema_params, t.teacher_params, images))
+    out = os.path.join(workdir, "reconstructions")
+    for i, (original, rec) in enumerate(zip(np.asarray(images), recon)):
+        save_png(original, os.path.join(out, f"heldout_{i:02d}_input.png"))
+        save_png(rec, os.path.join(out, f"heldout_{i:02d}_recon.png"))
+    save_png(side_by_side_grid(zip(np.asarray(images), recon)), os.path.join(out, "grid.png"))
+    log.info("wrote %d held-out reconstructions and grid.png to %s", len(recon), out)
+
+
+def _check_supported(config) -> None:
+    if config.model.finetune_decoder:
+        raise NotImplementedError(
+            "stage-2 training (decoder fine-tuning with perceptual and GAN losses) is not "
+            "implemented yet; train stage 1 with --config configs/titok.py:variant=...,stage=1")
+    if config.model.quantize_mode != "vq":
+        raise NotImplementedError("VAE tokenizer training is not implemented yet")
+    if config.loss not in ("proxy_ce", "pixel_l2"):
+        raise ValueError(f"config.loss must be 'proxy_ce' or 'pixel_l2', got {config.loss!r}")
+    if config.loss == "proxy_ce" and not config.model.is_legacy:
+        raise ValueError("proxy_ce needs the legacy proxy-code decoder head (stage 1 models)")
+
+
+def _check_finite(pending, ckpt) -> None:
+    step, flag = pending
+    if float(jax.device_get(flag)) > 0:
+        ckpt.wait()
+        steps = ckpt.manager.all_steps()
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step}; stopping without saving. The last good "
+            f"checkpoint ({max(steps) if steps else 'none'}) is kept in {ckpt.directory}.")
+
+
+def _progress_bar(config, initial: int):
+    if not config.progress_bar:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=config.total_steps, initial=initial, desc="train", unit="step")
