@@ -5,8 +5,8 @@ Arguments:
     LL-32-VAE | BL-64-VAE | BL-128-VAE (single-stage) | tiny | tiny-pixel (CPU-sized).
   stage: 1 (proxy-code training, no pixel decoder) or 2 (decoder fine-tuning / the released
     tokenizer); only for the two-stage variants. Default: the released configuration.
-  runlocal: a CPU-sized run on the embedded photo dataset: the ``tiny-pixel`` model trained on
-    pixels (or, with stage=1, the ``tiny`` model on proxy codes of a tiny VQGAN).
+  runlocal: a CPU-sized run on the embedded photo dataset: the ``tiny-vae`` model (64x64) trained
+    on pixels (or, with stage=1, the ``tiny`` VQ model on proxy codes of a tiny VQGAN).
 
 Training follows the official stage-1 recipe (``configs/training/TiTok/stage1/*.yaml``): AdamW
 lr 1e-4, betas (0.9, 0.99), wd 1e-4 (not on norms/biases/embeddings/tokens), 10k warm-up steps,
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
     a = parse_arg(arg, variant="L-32", stage=0, runlocal=False)
     config = ml_collections.ConfigDict()
     if a.runlocal:
-        variant = "tiny" if a.stage == 1 else "tiny-pixel"
+        variant = "tiny" if a.stage == 1 else "tiny-vae"
         config.model = variants.titok_model_config(variant, stage=1 if a.stage == 1 else None)
     else:
         config.model = variants.titok_model_config(a.variant, stage=a.stage or None)
@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
     config.total_steps = 1_000_000
     config.global_batch = 256
     config.quantizer_weight = 1.0
+    config.kl_weight = 1e-6  # VAE models
     config.ema_decay = 0.999
     config.init_from = ""  # optional warm start: official weights or a titok-jax folder
 
@@ -58,16 +59,16 @@ def get_config(arg: str | None = None):
     config.progress_bar = False
 
     if a.runlocal:
-        config.total_steps = 400
+        config.total_steps = 2500
         config.global_batch = 8
         config.optimizer.lr = 1e-3
         config.optimizer.end_lr = 1e-4
-        config.optimizer.warmup_steps = 20
+        config.optimizer.warmup_steps = 50
         config.data.embedded = True
         config.data.num_threads = 4
-        config.log_every = 10
-        config.ckpt_every = 100
-        config.image_every = 100
+        config.log_every = 50
+        config.ckpt_every = 500
+        config.image_every = 500
         config.num_grid_images = 6
         config.preemption_check_every = 1
         config.progress_bar = True

@@ -25,7 +25,8 @@ def load_config_module(path):
 
 def abstract_params(cfg):
     module = variants.build_model(cfg)
-    x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+    size = cfg.get("image_size", 256)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     return jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"]
 
 

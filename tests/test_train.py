@@ -56,7 +56,8 @@ def test_runlocal_training_learns_and_writes_grids(data_dir, tmp_path):
 def _two_steps(config, mesh, data_dir):
     t = trainer_lib.build_trainer(config, mesh)
     pipe = data_lib.TrainPipeline(dataset="imagenet2012", data_dir=data_dir, split="train",
-                                  global_batch=config.global_batch, image_size=256,
+                                  global_batch=config.global_batch,
+                                  image_size=config.model.image_size,
                                   seed=config.seed, num_threads=2)
     state = t.init_state(jax.random.PRNGKey(0))
     for step in range(2):

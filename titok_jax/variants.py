@@ -54,6 +54,11 @@ TITOK_VARIANTS: dict[str, dict[str, Any]] = {
                  **{**_LEGACY, "codebook_size": 256}),
     "tiny-pixel": dict(encoder="tiny64", decoder="tiny64", num_latent_tokens=32,
                        **{**_VQ8K, "codebook_size": 256, "token_size": 12, "use_l2_norm": True}),
+    # The CPU quickstart model: a VAE at 64x64 with 8x8 patches. (A VQ bottleneck this small
+    # does not leave its initial plateau within a laptop-sized run: no code changes with the
+    # image until the decoder reads its latents, and it has no reason to until they change.)
+    "tiny-vae": dict(encoder="tiny64", decoder="tiny64", num_latent_tokens=32, image_size=64,
+                     patch_size=8, **{**_VAE, "token_size": 12}),
 }
 
 # Names accepted by load_tokenizer / the CLI (short names and the official HF repo names).
@@ -61,7 +66,7 @@ MODEL_NAMES: dict[str, str] = {
     "titok_l32": "L-32", "titok_b64": "B-64", "titok_s128": "S-128",
     "titok_bl64_vq": "BL-64-VQ", "titok_bl128_vq": "BL-128-VQ", "titok_sl256_vq": "SL-256-VQ",
     "titok_ll32_vae": "LL-32-VAE", "titok_bl64_vae": "BL-64-VAE", "titok_bl128_vae": "BL-128-VAE",
-    "titok_tiny": "tiny", "titok_tiny_pixel": "tiny-pixel",
+    "titok_tiny": "tiny", "titok_tiny_pixel": "tiny-pixel", "titok_tiny_vae": "tiny-vae",
     "tokenizer_titok_l32_imagenet": "L-32", "tokenizer_titok_b64_imagenet": "B-64",
     "tokenizer_titok_s128_imagenet": "S-128",
     "tokenizer_titok_bl64_vq8k_imagenet": "BL-64-VQ",
@@ -90,8 +95,9 @@ def titok_model_config(variant: str, *, stage: int | None = None) -> ml_collecti
         vqgan=v.get("vqgan", "maskgit"), num_latent_tokens=v["num_latent_tokens"],
         token_size=v["token_size"], quantize_mode=v["quantize_mode"],
         codebook_size=v["codebook_size"], use_l2_norm=v["use_l2_norm"], commitment_cost=0.25,
-        is_legacy=v["is_legacy"], finetune_decoder=v["finetune_decoder"], patch_size=16,
-        image_size=256, dtype="float32", remat=False))
+        is_legacy=v["is_legacy"], finetune_decoder=v["finetune_decoder"],
+        patch_size=v.get("patch_size", 16), image_size=v.get("image_size", 256), dtype="float32",
+        remat=False))
     return cfg
 
 

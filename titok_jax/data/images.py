@@ -81,10 +81,14 @@ def save_png(image: np.ndarray, path: str) -> None:
     Image.fromarray(to_uint8(image)).save(path)
 
 
-def side_by_side_grid(pairs: Iterable[tuple[np.ndarray, np.ndarray]], pad: int = 4) -> np.ndarray:
-    """Rows of (input | reconstruction) with a white gutter; float [H, W, 3] in [0, 1]."""
+def side_by_side_grid(pairs: Iterable[tuple[np.ndarray, np.ndarray]], pad: int = 4,
+                      min_size: int = 256) -> np.ndarray:
+    """Rows of (input | reconstruction) with a white gutter; float [H, W, 3] in [0, 1]. Images
+    smaller than ``min_size`` are enlarged by an integer nearest-neighbour factor."""
     rows = []
     for original, recon in pairs:
+        k = max(1, min_size // original.shape[0])
+        original, recon = (np.repeat(np.repeat(a, k, 0), k, 1) for a in (original, recon))
         h = original.shape[0]
         gutter = np.ones((h, pad, 3), np.float32)
         rows.append(np.concatenate([original, gutter, recon], axis=1))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from titok_jax.models.maskgit_vqgan import VQGANArch, VQGANDecoder
 from titok_jax.models.quantizer import DiagonalGaussian, QuantizerOutput, VectorQuantizer
-from titok_jax.models.vit import layer_norm, transformer_blocks
+from titok_jax.models.vit import DENSE_INIT, layer_norm, transformer_blocks
 
 Dtype = Any
 
@@ -46,8 +46,7 @@ class PatchEmbed(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         b, h, w, c = images.shape
         p = self.patch_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width),
-                            jnp.float32)
+        kernel = self.param("kernel", DENSE_INIT, (p, p, c, self.width), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
         x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
@@ -90,7 +89,7 @@ class TiTokEncoder(nn.Module):
         x = layer_norm("ln_post", self.dtype)(x[:, 1 + grid * grid:])
         if self.is_legacy:
             x = x.reshape(b, w, n).swapaxes(1, 2)
-        return nn.Dense(self.out_channels, dtype=self.dtype, name="conv_out")(x).astype(jnp.float32)
+        return nn.Dense(self.out_channels, dtype=self.dtype, kernel_init=DENSE_INIT, name="conv_out")(x).astype(jnp.float32)
 
 
 class TiTokDecoder(nn.Module):
@@ -115,7 +114,7 @@ class TiTokDecoder(nn.Module):
         w, n_max = self.arch.width, self.num_latent_tokens
         grid, p = self.image_size // self.patch_size, self.patch_size
         b, n, _ = z.shape
-        x = nn.Dense(w, dtype=self.dtype, name="decoder_embed")(z)
+        x = nn.Dense(w, dtype=self.dtype, kernel_init=DENSE_INIT, name="decoder_embed")(z)
         cls = _embedding(self, "class_embedding", (1, w), w)
         pos = _embedding(self, "positional_embedding", (grid * grid + 1, w), w)
         mask_token = _embedding(self, "mask_token", (1, 1, w), w)
@@ -131,13 +130,14 @@ class TiTokDecoder(nn.Module):
         x = layer_norm("ln_post", self.dtype)(x[:, 1:1 + grid * grid])
         x = x.reshape(b, grid, grid, w)
         if self.is_legacy:
-            x = jnp.tanh(nn.Dense(2 * w, dtype=self.dtype, name="ffn_0")(x))
-            return nn.Dense(self.proxy_codebook_size, dtype=self.dtype, name="ffn_2")(x).astype(
+            x = jnp.tanh(nn.Dense(2 * w, dtype=self.dtype, kernel_init=DENSE_INIT, name="ffn_0")(x))
+            return nn.Dense(self.proxy_codebook_size, dtype=self.dtype, kernel_init=DENSE_INIT, name="ffn_2")(x).astype(
                 jnp.float32)
-        x = nn.Dense(p * p * 3, dtype=self.dtype, name="ffn_0")(x)
+        x = nn.Dense(p * p * 3, dtype=self.dtype, kernel_init=DENSE_INIT, name="ffn_0")(x)
         x = x.reshape(b, grid, grid, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, grid * p, grid * p, 3)
-        x = nn.Conv(3, (3, 3), padding="SAME", dtype=self.dtype, name="conv_out")(x)
+        x = nn.Conv(3, (3, 3), padding="SAME", dtype=self.dtype, kernel_init=DENSE_INIT,
+                    name="conv_out")(x)
         return x.astype(jnp.float32)
 
 

@@ -16,6 +16,11 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# The official init (TiTok._init_weights): Linear/Conv weights N(0, 0.02) (PyTorch's trunc_normal_
+# with absolute bounds +-2, i.e. effectively untruncated), zero biases; the fused attention
+# projection is a raw nn.MultiheadAttention parameter and keeps its xavier-uniform init.
+DENSE_INIT = nn.initializers.normal(stddev=0.02)
+
 
 def layer_norm(name: str, dtype: Dtype = jnp.float32, eps: float = 1e-5) -> nn.LayerNorm:
     # PyTorch computes the variance as mean((x - mean)^2); flax's fast path (E[x^2] - E[x]^2)
@@ -39,12 +44,13 @@ class MultiHeadAttention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
-        qkv = nn.Dense(3 * width, dtype=self.dtype, name="in_proj")(x)
+        qkv = nn.Dense(3 * width, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                       name="in_proj")(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v)
         out = out.reshape(batch, length, width)
-        return nn.Dense(width, dtype=self.dtype, name="out_proj")(out)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=DENSE_INIT, name="out_proj")(out)
 
 
 class MLP(nn.Module):
@@ -54,9 +60,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, name="c_fc")(x)
+        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=DENSE_INIT, name="c_fc")(x)
         x = nn.gelu(x, approximate=False)
-        return nn.Dense(width, dtype=self.dtype, name="c_proj")(x)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=DENSE_INIT, name="c_proj")(x)
 
 
 class ResidualAttentionBlock(nn.Module):

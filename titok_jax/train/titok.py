@@ -6,9 +6,9 @@ mesh -> data -> abstract shapes -> shardings -> params born sharded -> jitted st
 Objectives (``config.loss``):
 * ``proxy_ce`` (stage 1 of the paper): the frozen MaskGIT-VQGAN encodes the batch inside the
   step to proxy codes; loss = cross-entropy of the decoder's proxy logits + quantizer loss.
-* ``pixel_l2``: mean squared error of the pixel-head reconstruction + quantizer loss (the
-  reconstruction term of the single-stage recipe; used by the CPU quickstart, which has no
-  pretrained teacher).
+* ``pixel_l2``: mean squared error of the pixel-head reconstruction + quantizer loss (VQ) or
+  ``kl_weight`` x KL (VAE): the reconstruction terms of the single-stage recipe, without its
+  perceptual and GAN losses. The CPU quickstart uses it, since it has no pretrained teacher.
 """
 from __future__ import annotations
 
@@ -51,21 +51,29 @@ def _global_norm(tree) -> jax.Array:
 
 
 def make_train_step(model, teacher, config, tx, schedule):
-    """The pure step ``(state, batch, teacher_params, key) -> (state, metrics)``."""
+    """The pure step ``(state, batch, teacher_params, key) -> (state, metrics)``; ``key`` is
+    ``fold_in(seed, step)`` (VAE posterior sampling)."""
     quantizer_weight = config.quantizer_weight
     codebook_size = config.model.codebook_size
+    vae = config.model.quantize_mode == "vae"
 
-    def loss_fn(params, images, targets):
-        out = model.apply({"params": params}, images)
+    def loss_fn(params, images, targets, key):
+        out = model.apply({"params": params}, images, rng=key if vae else None)
         if config.loss == "proxy_ce":
             loss, terms = stage1_loss(out.decoded, targets, out.quantizer, quantizer_weight)
             terms["proxy_accuracy"] = jnp.mean(
                 jnp.argmax(out.decoded, -1).reshape(targets.shape) == targets)
         else:
             mse = jnp.mean(jnp.square(out.decoded - images))
-            q = quantizer_weight * out.quantizer.quantizer_loss
-            loss, terms = mse + q, {"reconstruction_loss": mse, "quantizer_loss": q}
-        return loss, (terms, out.ids)
+            if vae:  # official: kl_weight x sum(KL) / batch
+                kl = config.kl_weight * jnp.sum(out.posterior.kl()) / images.shape[0]
+                loss, terms = mse + kl, {"reconstruction_loss": mse, "kl_loss": kl}
+            else:
+                q = quantizer_weight * out.quantizer.quantizer_loss
+                loss, terms = mse + q, {"reconstruction_loss": mse, "quantizer_loss": q}
+        if not vae:
+            terms.update(codebook_stats(out.ids, codebook_size))
+        return loss, terms
 
     def step(state: TrainState, batch: dict, teacher_params: Any, key: jax.Array):
         images = batch["image"]
@@ -73,8 +81,8 @@ def make_train_step(model, teacher, config, tx, schedule):
         if config.loss == "proxy_ce":
             targets = jax.lax.stop_gradient(
                 teacher.apply({"params": teacher_params}, images, method=teacher.encode))
-        (loss, (terms, ids)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, images, targets)
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, images, targets, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm, update_norm = _global_norm(grads), _global_norm(updates)
@@ -85,11 +93,10 @@ def make_train_step(model, teacher, config, tx, schedule):
                          opt_state=opt_state)
         # A non-finite step leaves the state untouched; the host stops on the flag.
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics = {"loss": loss, **terms, **codebook_stats(ids, codebook_size),
+        metrics = {"loss": loss, **terms,
                    "grad_norm": grad_norm, "param_norm": _global_norm(params),
                    "update_norm": update_norm, "learning_rate": schedule(state.step),
                    "nonfinite": 1.0 - finite.astype(jnp.float32)}
-        del key  # reserved for stochastic objectives (VAE sampling); RNG = fold_in(seed, step)
         return new, metrics
 
     return step
@@ -329,8 +336,6 @@ def _check_supported(config) -> None:
         raise NotImplementedError(
             "stage-2 training (decoder fine-tuning with perceptual and GAN losses) is not "
             "implemented yet; train stage 1 with --config configs/titok.py:variant=...,stage=1")
-    if config.model.quantize_mode != "vq":
-        raise NotImplementedError("VAE tokenizer training is not implemented yet")
     if config.loss not in ("proxy_ce", "pixel_l2"):
         raise ValueError(f"config.loss must be 'proxy_ce' or 'pixel_l2', got {config.loss!r}")
     if config.loss == "proxy_ce" and not config.model.is_legacy:
