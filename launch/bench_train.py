@@ -23,10 +23,11 @@ import jax
 import numpy as np
 
 from titok_jax import sharding
-from titok_jax.bench import (compiled_flops, load_official_titok, median_seconds, official_config,
+from titok_jax.bench import (OFFICIAL_VIT_SIZES, compiled_flops, load_official_titok, median_seconds, official_config,
                              peak_gflops, print_header)
 from titok_jax.config_arg import load_config
 from titok_jax.train import titok as trainer_lib
+from titok_jax.variants import TITOK_VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,8 +113,10 @@ def main() -> None:
     titok_cls = load_official_titok(args.official_src) if args.official_src else None
     rows = []
     for variant in args.variants.split(","):
-        official = (official_step(titok_cls, variant, args.batch, args.warmup,
-                                  args.iters) if titok_cls else None)
+        row = TITOK_VARIANTS[variant]
+        official_arch = row["encoder"] in OFFICIAL_VIT_SIZES and row["decoder"] in OFFICIAL_VIT_SIZES
+        official = (official_step(titok_cls, variant, args.batch, args.warmup, args.iters)
+                    if titok_cls and official_arch else None)
         if official:
             print(f"[official] {variant}: step {official['step_s']:.2f} s + proxy-code encode "
                   f"{official['proxy_s']:.2f} s per batch of {args.batch}")
