@@ -32,10 +32,12 @@ from titok_jax.variants import TITOK_VARIANTS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def jax_step(variant: str, dtype: str, batch: int, warmup: int, iters: int) -> dict[str, Any]:
+def jax_step(variant: str, dtype: str, batch: int, warmup: int, iters: int,
+             remat: bool = False) -> dict[str, Any]:
     config = load_config(os.path.join(ROOT, "configs", "titok.py") + f":variant={variant},stage=1")
     config.global_batch = batch
     config.model.dtype = dtype
+    config.model.remat = remat
     t = trainer_lib.build_trainer(config, sharding.make_mesh())
     state = t.init_state(jax.random.PRNGKey(0))
     images = jax.device_put(np.random.default_rng(0).random((batch, 256, 256, 3), np.float32),
@@ -106,6 +108,7 @@ def main() -> None:
     p.add_argument("--official-src", default=None)
     p.add_argument("--peak-gflops", type=float, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--remat", action="store_true", help="recompute block activations (memory)")
     args = p.parse_args()
     device = jax.devices()[0]
     peaks, source = peak_gflops(device, args.peak_gflops)
@@ -121,7 +124,7 @@ def main() -> None:
             print(f"[official] {variant}: step {official['step_s']:.2f} s + proxy-code encode "
                   f"{official['proxy_s']:.2f} s per batch of {args.batch}")
         for dtype in args.dtypes.split(","):
-            r = jax_step(variant, dtype, args.batch, args.warmup, args.iters)
+            r = jax_step(variant, dtype, args.batch, args.warmup, args.iters, args.remat)
             gflops = r["flops"] / r["s_per_step"] / 1e9
             row = dict(variant=variant, dtype=dtype, batch=args.batch, **r,
                        images_per_s=args.batch / r["s_per_step"], gflops_per_s=gflops,

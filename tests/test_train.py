@@ -53,6 +53,20 @@ def test_runlocal_training_learns_and_writes_grids(data_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "60"]
 
 
+def test_stage1_proxy_code_training_end_to_end(data_dir, tmp_path):
+    """Stage 1: the (tiny, random) MaskGIT-VQGAN teacher makes proxy codes inside the step; the
+    image grid decodes the argmax proxy codes with it."""
+    config = runlocal(data_dir, "total_steps=4", "log_every=2", "image_every=4", "ckpt_every=4",
+                      "num_grid_images=2", arg="runlocal,stage=1")
+    assert config.loss == "proxy_ce" and not config.model.finetune_decoder
+    trainer_lib.train_and_evaluate(config, str(tmp_path))
+    for tag in ("loss", "reconstruction_loss", "quantizer_loss", "proxy_accuracy",
+                "codebook_usage", "codebook_perplexity", "grad_norm", "learning_rate"):
+        assert sorted(scalars(str(tmp_path), tag)) == [2, 4], tag
+    assert os.path.isfile(tmp_path / "images" / "step_0000004.png")
+    assert os.path.isfile(tmp_path / "reconstructions" / "grid.png")
+
+
 def _two_steps(config, mesh, data_dir):
     t = trainer_lib.build_trainer(config, mesh)
     pipe = data_lib.TrainPipeline(dataset="imagenet2012", data_dir=data_dir, split="train",

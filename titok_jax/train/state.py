@@ -63,6 +63,8 @@ def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
     return jnp.minimum(max_decay, (1.0 + s) / (10.0 + s))
 
 
-def ema_update(ema: Any, params: Any, step: jax.Array, max_decay: float) -> Any:
-    d = ema_decay(step, max_decay)
+def ema_update(ema: Any, params: Any, step: jax.Array, max_decay: float,
+               active: jax.Array | bool = True) -> Any:
+    """One EMA update; ``active=False`` (a skipped step) leaves ``ema`` unchanged."""
+    d = jnp.where(active, ema_decay(step, max_decay), 1.0)
     return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, ema, params)

@@ -46,10 +46,6 @@ def codebook_stats(ids: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
     return {"codebook_usage": jnp.mean(counts > 0), "codebook_perplexity": jnp.exp(entropy)}
 
 
-def _global_norm(tree) -> jax.Array:
-    return optax.tree.norm(tree)
-
-
 def make_train_step(model, teacher, config, tx, schedule):
     """The pure step ``(state, batch, teacher_params, key) -> (state, metrics)``; ``key`` is
     ``fold_in(seed, step)`` (VAE posterior sampling)."""
@@ -84,17 +80,20 @@ def make_train_step(model, teacher, config, tx, schedule):
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, images, targets, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm, update_norm = _global_norm(grads), _global_norm(updates)
+        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-        new = TrainState(step=state.step + 1, params=params,
-                         ema_params=ema_update(state.ema_params, params, state.step,
-                                               config.ema_decay),
-                         opt_state=opt_state)
-        # A non-finite step leaves the state untouched; the host stops on the flag.
-        new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+        # A non-finite step leaves the state untouched (the host stops on the flag). Zeroed
+        # updates and a unit EMA decay are elementwise and fuse into the update; only the
+        # optimizer state needs a select, so the state is not held twice in memory.
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, 0.0), updates)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, state.step, config.ema_decay, active=finite)
+        new = TrainState(step=state.step + finite.astype(state.step.dtype), params=params,
+                         ema_params=ema,
+                         opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state))
         metrics = {"loss": loss, **terms,
-                   "grad_norm": grad_norm, "param_norm": _global_norm(params),
+                   "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
                    "update_norm": update_norm, "learning_rate": schedule(state.step),
                    "nonfinite": 1.0 - finite.astype(jnp.float32)}
         return new, metrics
@@ -210,6 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
+    if config.progress_bar:  # the bar shows progress and loss; keep Orbax's INFO lines out of it
+        logging.getLogger("absl").setLevel(logging.WARNING)
 
     # Mesh, model, shardings.
     t = build_trainer(config, sharding.make_mesh())
