@@ -10,6 +10,7 @@ from typing import Any
 
 import ml_collections
 
+from titok_jax.models.alit import ALIT
 from titok_jax.models.maskgit_vqgan import MaskGITVQGAN, VQGANArch
 from titok_jax.models.titok import TiTok, ViTArch
 
@@ -21,12 +22,22 @@ VIT_SIZES: dict[str, ViTArch] = {
     "tiny32": ViTArch(width=32, depth=2, num_heads=2),
     "tiny64": ViTArch(width=64, depth=2, num_heads=2),
     "tiny96": ViTArch(width=96, depth=2, num_heads=3),
+    # ALIT's latent-distillation encoder/decoder sizes that are not TiTok sizes.
+    "semilarge8": ViTArch(width=1024, depth=8, num_heads=8),
+    "semilarge": ViTArch(width=1024, depth=16, num_heads=16),
 }
 
 VQGAN_SIZES: dict[str, VQGANArch] = {
     "maskgit": VQGANArch(),
     "tiny": VQGANArch(hidden_channels=32, channel_mult=(1, 2, 1, 1, 1), num_res_blocks=1,
                       z_channels=32, codebook_size=64),
+    # The taming-style copy of the same VQGAN inside ALIT checkpoints (its mid stage always has
+    # 2 blocks), the ALIT fixture's tiny one, and an f8 one for 64x64 CPU runs.
+    "alit": VQGANArch(num_mid_blocks=2),
+    "alit_tiny": VQGANArch(hidden_channels=32, channel_mult=(1, 2, 1, 1, 1), num_res_blocks=1,
+                           z_channels=32, codebook_size=64, num_mid_blocks=2),
+    "alit_f8_tiny": VQGANArch(hidden_channels=32, channel_mult=(1, 2, 1, 1), num_res_blocks=1,
+                              z_channels=32, codebook_size=64, num_mid_blocks=2),
 }
 
 # name -> model fields. "legacy" models are the two-stage releases (proxy-code decoder head +
@@ -59,6 +70,25 @@ TITOK_VARIANTS: dict[str, dict[str, Any]] = {
     # image until the decoder reads its latents, and it has no reason to until they change.)
     "tiny-vae": dict(encoder="tiny64", decoder="tiny64", num_latent_tokens=32, image_size=64,
                      patch_size=8, **{**_VAE, "token_size": 12}),
+}
+
+# ALIT configurations (adaptive_tokenizers/__init__.py): encoder = decoder size; all official
+# ones use 32 tokens per iteration, 8 iterations, VQ 4096 x 12 (l2) and halting threshold 0.55.
+_ALIT = dict(vqgan="alit", tokens_per_iter=32, max_iters=8, quantize_latent=True,
+             codebook_size=4096, token_size=12, use_l2_norm=True, halting_threshold=0.55,
+             decoder_max_latent_tokens=256, patch_size=16, image_size=256)
+ALIT_VARIANTS: dict[str, dict[str, Any]] = {
+    "alit_tiny": dict(size="small", **_ALIT),
+    "alit_small": dict(size="semilarge8", **_ALIT),
+    "alit_base": dict(size="base", **_ALIT),
+    "alit_semilarge": dict(size="semilarge", **_ALIT),
+    # The parity fixture's shape (8 tokens per iteration, 64 codes, tiny VQGAN).
+    "alit_fixture_tiny": dict(size="tiny64", **{**_ALIT, "vqgan": "alit_tiny",
+                                                "tokens_per_iter": 8, "codebook_size": 64}),
+    # A CPU-sized model for tests and runlocal training: 64x64 images, 8x8 grid, 4..32 tokens.
+    "alit_runlocal": dict(size="tiny64", **{**_ALIT, "vqgan": "alit_f8_tiny", "tokens_per_iter": 4,
+                                            "codebook_size": 256, "decoder_max_latent_tokens": 32,
+                                            "patch_size": 8, "image_size": 64}),
 }
 
 # Names accepted by load_tokenizer / the CLI (short names and the official HF repo names).
@@ -101,6 +131,15 @@ def titok_model_config(variant: str, *, stage: int | None = None) -> ml_collecti
     return cfg
 
 
+def alit_model_config(variant: str) -> ml_collections.ConfigDict:
+    """The ``config.model`` block of an ALIT variant (``alit_small``, ...)."""
+    v = dict(_lookup(ALIT_VARIANTS, variant, "ALIT variant"))
+    size = v.pop("size")
+    return ml_collections.ConfigDict(dict(name="alit", variant=variant, encoder=size,
+                                          decoder=size, commitment_cost=0.25, dtype="float32",
+                                          remat=False, **v))
+
+
 def vqgan_model_config(size: str = "maskgit") -> ml_collections.ConfigDict:
     if size not in VQGAN_SIZES:
         raise ValueError(f"unknown VQGAN size {size!r}; known: {sorted(VQGAN_SIZES)}")
@@ -128,8 +167,17 @@ def build_model(cfg: ml_collections.ConfigDict | dict):
     if cfg.name == "maskgit_vqgan":
         _check_keys(cfg, {"name", "size", "dtype"})
         return MaskGITVQGAN(_lookup(VQGAN_SIZES, cfg.size, "VQGAN size"), dtype)
+    if cfg.name == "alit":
+        fields = {f.name for f in dataclasses.fields(ALIT) if f.init} - {
+            "parent", "name", "encoder_arch", "decoder_arch", "vqgan_arch", "dtype"}
+        _check_keys(cfg, fields | {"name", "variant", "encoder", "decoder", "vqgan", "dtype"})
+        return ALIT(encoder_arch=_lookup(VIT_SIZES, cfg.encoder, "ViT size"),
+                    decoder_arch=_lookup(VIT_SIZES, cfg.decoder, "ViT size"),
+                    vqgan_arch=_lookup(VQGAN_SIZES, cfg.vqgan, "VQGAN size"), dtype=dtype,
+                    **{k: cfg[k] for k in fields if k in cfg})
     if cfg.name != "titok":
-        raise ValueError(f"unknown model name {cfg.name!r}; expected 'titok' or 'maskgit_vqgan'")
+        raise ValueError(f"unknown model name {cfg.name!r}; expected 'titok', 'alit' or "
+                         "'maskgit_vqgan'")
     fields = {f.name for f in dataclasses.fields(TiTok) if f.init} - {
         "parent", "name", "encoder_arch", "decoder_arch", "vqgan_arch", "dtype"}
     _check_keys(cfg, fields | {"name", "variant", "encoder", "decoder", "vqgan", "dtype"})
@@ -148,4 +196,7 @@ def model_config_for(name: str) -> ml_collections.ConfigDict:
         return titok_model_config(MODEL_NAMES[name])
     if name in TITOK_VARIANTS:
         return titok_model_config(name)
-    raise ValueError(f"unknown model {name!r}; known: {sorted(MODEL_NAMES) + sorted(VQGAN_NAMES)}")
+    if name in ALIT_VARIANTS:
+        return alit_model_config(name)
+    raise ValueError(f"unknown model {name!r}; known: "
+                     f"{sorted(MODEL_NAMES) + sorted(ALIT_VARIANTS) + sorted(VQGAN_NAMES)}")

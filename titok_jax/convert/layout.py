@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -71,12 +71,15 @@ class NameMap:
     overrides: ``(regex on the '/'-joined Flax path, transform, (key pattern, replacement))``;
       the first match replaces the default transform and, when given, rewrites the PyTorch key
       with ``re.sub`` (e.g. ``attn.in_proj.weight`` -> ``attn.in_proj_weight``).
+    renames: ``(pattern, replacement)`` pairs applied in order with ``re.sub`` to every PyTorch
+      key after the rules above (the replacement may be a function of the match).
     ignored: regexes of PyTorch keys that are known and deliberately dropped on import.
     """
 
     model: str
     list_names: tuple[str, ...] = ()
     overrides: tuple[tuple[str, Transform, tuple[str, str] | None], ...] = ()
+    renames: tuple[tuple[str, Any], ...] = ()
     ignored: tuple[str, ...] = ()
 
     def entry(self, flax_path: tuple[str, ...], ndim: int) -> Entry:
@@ -100,6 +103,8 @@ class NameMap:
                 if rename is not None:
                     key = re.sub(rename[0], rename[1], key)
                 break
+        for pattern, replacement in self.renames:
+            key = re.sub(pattern, replacement, key)
         if transform is None:
             raise ValueError(f"no layout rule for a rank-{ndim} kernel at {joined}")
         return Entry(flax_path, key, transform)

@@ -33,8 +33,24 @@ TITOK_MAP = NameMap(
 )
 
 
+def _taming_mid(match) -> str:
+    return f".mid.block_{int(match.group(1)) + 1}."
+
+
+ALIT_MAP = NameMap(
+    "ALIT (ShivamDuggal4/adaptive-length-tokenizer layout)",
+    list_names=("transformer", "ffn") + _VQGAN_LISTS,
+    overrides=TITOK_MAP.overrides[:2],
+    # The VQGAN inside ALIT is the taming-style copy: mid blocks are ``mid.block_1/2`` and the
+    # upsampling conv is ``upsample.conv``.
+    renames=((r"\.mid\.(\d+)\.", _taming_mid), (r"\.upsample_conv\.", ".upsample.conv.")),
+    # Stage-2 checkpoints carry 8 LPIPS + PatchGAN loss modules; they are not part of the model.
+    ignored=(r"^gan_losses\.",),
+)
+
+
 def name_map_for(model_config) -> NameMap:
-    return VQGAN_MAP if model_config.name == "maskgit_vqgan" else TITOK_MAP
+    return {"maskgit_vqgan": VQGAN_MAP, "alit": ALIT_MAP}.get(model_config.name, TITOK_MAP)
 
 
 def _to_numpy(value) -> np.ndarray:

@@ -6,7 +6,8 @@ PyTorch by open-muse / TiTok. Quirks kept because the released weights depend on
 * ResnetBlock convs have no bias, and when the channel count changes the 1x1 ``nin_shortcut`` is
   applied to the block's *output* (``h + nin(h)``), not to its input;
 * downsampling is a 2x2 average pool, upsampling is nearest x2 followed by a 3x3 conv;
-* GroupNorm has 32 groups and eps 1e-6; the mid stage has ``num_res_blocks`` blocks;
+* GroupNorm has 32 groups and eps 1e-6; the mid stage has ``num_res_blocks`` blocks (the
+  taming-style copy in ALIT: always 2);
 * the decoder's ``up_{i}`` levels are stored in level order and run from the top level down.
 
 Images are NHWC float in [0, 1]; latents are ``[B, h, w, z_channels]``.
@@ -34,6 +35,13 @@ class VQGANArch:
     num_res_blocks: int = 2
     z_channels: int = 256
     codebook_size: int = 1024
+    # Blocks of the mid stage; 0 means ``num_res_blocks`` (MaskGIT). The taming-style copy inside
+    # ALIT always has 2 (``mid.block_1``/``mid.block_2``).
+    num_mid_blocks: int = 0
+
+    @property
+    def mid_blocks(self) -> int:
+        return self.num_mid_blocks or self.num_res_blocks
 
     @property
     def downsample_factor(self) -> int:
@@ -99,7 +107,7 @@ class VQGANEncoder(nn.Module):
                        name=f"down_{i}")(x)
             if i != last:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        for j in range(a.num_res_blocks):
+        for j in range(a.mid_blocks):
             x = ResnetBlock(x.shape[-1], self.dtype, name=f"mid_{j}")(x)
         x = nn.silu(_group_norm("norm_out", self.dtype)(x))
         return _conv(a.z_channels, 1, "conv_out", self.dtype)(x)
@@ -114,7 +122,7 @@ class VQGANDecoder(nn.Module):
         a = self.arch
         top = a.hidden_channels * a.channel_mult[-1]
         x = _conv(top, 3, "conv_in", self.dtype)(z.astype(self.dtype))
-        for j in range(a.num_res_blocks):
+        for j in range(a.mid_blocks):
             x = ResnetBlock(top, self.dtype, name=f"mid_{j}")(x)
         for i in reversed(range(len(a.channel_mult))):
             x = _Level(a.hidden_channels * a.channel_mult[i], a.num_res_blocks, upsample=i > 0,

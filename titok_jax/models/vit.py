@@ -39,7 +39,9 @@ class MultiHeadAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        """``kv_lengths`` (int32 ``[B]``, optional): only the first ``kv_lengths[b]`` positions of
+        sequence b are attended to (right padding)."""
         batch, length, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -48,7 +50,7 @@ class MultiHeadAttention(nn.Module):
                        name="in_proj")(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths)
         out = out.reshape(batch, length, width)
         return nn.Dense(width, dtype=self.dtype, kernel_init=DENSE_INIT, name="out_proj")(out)
 
@@ -73,24 +75,26 @@ class ResidualAttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         width = x.shape[-1]
         x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
-            layer_norm("ln_1", self.dtype)(x))
+            layer_norm("ln_1", self.dtype)(x), kv_lengths)
         x = x + MLP(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(
             layer_norm("ln_2", self.dtype)(x))
         return x
 
 
 def transformer_blocks(x: jax.Array, depth: int, num_heads: int, *, mlp_ratio: float = 4.0,
-                       dtype: Dtype = jnp.float32, remat: bool = False) -> jax.Array:
+                       dtype: Dtype = jnp.float32, remat: bool = False,
+                       kv_lengths: jax.Array | None = None) -> jax.Array:
     """Runs ``depth`` blocks created in the calling module, named ``transformer_{i}``.
 
     Call it from a compact method: the blocks become direct children of the caller, matching the
     PyTorch keys ``transformer.{i}.*``. ``remat`` recomputes each block's activations in the
     backward pass, so activation memory no longer grows with depth (~30% more compute).
+    ``kv_lengths`` masks right-padded keys per sequence (see :class:`MultiHeadAttention`).
     """
     block_cls = nn.remat(ResidualAttentionBlock) if remat else ResidualAttentionBlock
     for i in range(depth):
-        x = block_cls(num_heads, mlp_ratio, dtype, name=f"transformer_{i}")(x)
+        x = block_cls(num_heads, mlp_ratio, dtype, name=f"transformer_{i}")(x, kv_lengths)
     return x
