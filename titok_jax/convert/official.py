@@ -92,6 +92,39 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f"unsupported weights file {path!r}: expected .safetensors, .bin, .pt or .pth")
 
 
+def read_training_checkpoint(path: str | os.PathLike, which: str = "ema") -> dict[str, np.ndarray]:
+    """The ``which`` (``ema`` or ``model``) state dict of an official training checkpoint such as
+    ALIT's ``{"model", "ema", "optimizer", "epoch", "scaler", "args"}`` files; flat state dicts
+    and ``.safetensors`` pass through :func:`read_state_dict`.
+
+    ``args`` is an ``argparse.Namespace``: it is allow-listed for ``torch.load(weights_only=True)``
+    (a Namespace only restores attributes); anything else non-tensor is still refused.
+    """
+    path = os.fspath(path)
+    if path.endswith(".safetensors") or not os.path.isfile(path):
+        return read_state_dict(path)
+    import argparse
+
+    import torch
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds objects other than tensors and an argparse.Namespace; "
+                         f"refusing to unpickle it: {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    if which in obj and isinstance(obj[which], Mapping):
+        obj = obj[which]
+    elif any(isinstance(v, Mapping) for v in obj.values()):
+        raise ValueError(f"{path} is a training checkpoint without a {which!r} state dict; "
+                         f"its entries: {sorted(obj)}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: non-tensor entries in the state dict: {bad[:10]}")
+    return {k: _to_numpy(v) for k, v in obj.items()}
+
+
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> None:
     from safetensors.numpy import save_file

@@ -291,10 +291,10 @@ class ALIT(nn.Module):
                 x = self.grow(x, k + 1)
         return gt_ids, outs, applied
 
-    def __call__(self, images: jax.Array, **kwargs):
-        """Initialisation/training forward: :meth:`rollout`, plus pixels of the last iteration
-        so that every parameter (the VQGAN decoder too) is created by ``init``."""
-        gt_ids, outs, applied = self.rollout(images, **kwargs)
+    def __call__(self, images: jax.Array, *, halting: str = "threshold", **kwargs):
+        """:meth:`rollout` (deterministic threshold halting unless told otherwise) plus pixels
+        of the last iteration, so that ``init`` creates every parameter (VQGAN decoder too)."""
+        gt_ids, outs, applied = self.rollout(images, halting=halting, **kwargs)
         return gt_ids, outs, applied, self.decode_pixels(outs[-1].logits)
 
 
