@@ -1,0 +1,209 @@
+"""Fréchet Inception Distance and Inception Score from FID-Inception outputs.
+
+Statistics are accumulated on the host in float64 (the sum of features and of their outer
+products), as pytorch-fid and torch-fidelity do. The distance uses scipy's matrix square root;
+when the product of the covariances is singular (few images, or a set against itself) the
+square root is retried with ``eps`` added to both diagonals, and a complex result whose
+imaginary part is numerical noise is reduced to its real part.
+
+:func:`image_statistics` runs the same network on a directory or an array of images (generated
+samples), and :func:`load_reference` reads reference statistics (``.npz`` with ``mu``/``sigma``,
+or an ADM-style reference batch whose images are in ``arr_0``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+log = logging.getLogger(__name__)
+
+IS_EPS = 1e-16
+
+
+class FeatureStats:
+    """Running mean and covariance of feature vectors, in float64."""
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.total = np.zeros((dim,), np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+
+    def update(self, features: np.ndarray) -> None:
+        f = np.asarray(features, np.float64)
+        self.count += f.shape[0]
+        self.total += f.sum(axis=0)
+        self.outer += f.T @ f
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """``mu`` and the unbiased covariance ``sigma`` (as ``np.cov``)."""
+        if self.count < 2:
+            raise ValueError(f"FID needs at least 2 images, got {self.count}")
+        mu = self.total / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, sigma
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``."""
+    mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
+    sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different shapes: {mu1.shape}/{sigma1.shape} vs "
+                         f"{mu2.shape}/{sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        log.warning("FID: singular covariance product; adding %g to the diagonals", eps)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.max(np.abs(np.diagonal(covmean).imag))
+        if imag > 1e-3:
+            raise ValueError(f"FID: the matrix square root has an imaginary part of {imag}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """Mean and standard deviation over ``splits`` consecutive chunks of
+    ``exp(E_x KL(p(y|x) || p(y)))``, from the 1008-way logits (softmax in float64, eps 1e-16)."""
+    logits = np.asarray(logits, np.float64)
+    if logits.shape[0] < splits:
+        raise ValueError(f"the Inception Score with {splits} splits needs at least {splits} "
+                         f"images, got {logits.shape[0]}")
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    scores = []
+    for part in np.array_split(p, splits):
+        py = part.mean(axis=0, keepdims=True)
+        kl = np.sum(part * (np.log(part + IS_EPS) - np.log(py + IS_EPS)), axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def uint8_values(images: jax.Array) -> jax.Array:
+    """Images in [0, 1] -> float values 0..255 rounded to integers (the uint8 round trip)."""
+    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0)
+
+
+@dataclasses.dataclass
+class InceptionRunner:
+    """The FID Inception bound to its params, applied in fixed-size sharded batches."""
+
+    module: Any
+    params: Any
+    mesh: jax.sharding.Mesh
+    batch_size: int = 32
+
+    def __post_init__(self):
+        from titok_jax import sharding
+        self._batch = sharding.batch_sharding(self.mesh)
+        self._fn = jax.jit(lambda p, x: self.module.apply({"params": p}, x),
+                           out_shardings=sharding.replicated(self.mesh))
+        self.params = jax.device_put(self.params, sharding.replicated(self.mesh))
+
+    def __call__(self, images_0_255: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs for a host array of images with values 0..255 (padded to the batch size)."""
+        n = images_0_255.shape[0]
+        size = -(-max(n, 1) // self.batch_size) * self.batch_size
+        size = -(-size // self.mesh.size) * self.mesh.size
+        x = np.zeros((size,) + images_0_255.shape[1:], np.float32)
+        x[:n] = images_0_255
+        out = self._fn(self.params, jax.device_put(x, self._batch))
+        return {k: np.asarray(v)[:n] for k, v in out.items()}
+
+
+def _image_batches(images: np.ndarray | str, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of 0..255 float32 images from an array (uint8, or float in [0, 1]) or a directory
+    (every readable image, converted to RGB; consecutive images of one size are batched)."""
+    if isinstance(images, (str, os.PathLike)):
+        from titok_jax.data.images import BadImageError, list_images, load_image
+        files = list_images(os.fspath(images))
+        if not files:
+            raise ValueError(f"no image files found at {images!r}")
+        batch: list[np.ndarray] = []
+        for path in files:
+            try:
+                arr = np.asarray(load_image(path), np.float32)
+            except BadImageError as e:
+                log.warning("skipping %s", e)
+                continue
+            if batch and (len(batch) == batch_size or arr.shape != batch[0].shape):
+                yield np.stack(batch)
+                batch = []
+            batch.append(arr)
+        if batch:
+            yield np.stack(batch)
+        return
+    array = np.asarray(images)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected images [N, H, W, 3], got shape {array.shape}")
+    for start in range(0, array.shape[0], batch_size):
+        chunk = array[start:start + batch_size]
+        if chunk.dtype == np.uint8:
+            yield chunk.astype(np.float32)
+        else:
+            yield np.asarray(uint8_values(jnp.asarray(chunk, jnp.float32)))
+
+
+@dataclasses.dataclass
+class ImageStatistics:
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int
+    logits: np.ndarray | None = None
+
+    def save(self, path: str) -> None:
+        np.savez(path, mu=self.mu, sigma=self.sigma, count=self.count)
+
+
+def image_statistics(images: np.ndarray | str, runner: InceptionRunner,
+                     progress: Callable[[Iterable], Iterable] | None = None) -> ImageStatistics:
+    """Pool3 statistics (and logits, if the runner has the fc head) of a directory or an array
+    of images: uint8, or floats in [0, 1] (rounded to uint8 values first)."""
+    stats, logits = None, []
+    batches = _image_batches(images, runner.batch_size)
+    for batch in (progress(batches) if progress else batches):
+        out = runner(batch)
+        stats = stats or FeatureStats(out["pool"].shape[1])
+        stats.update(out["pool"])
+        if "logits" in out:
+            logits.append(out["logits"])
+    if stats is None:
+        raise ValueError("no images to compute statistics of")
+    mu, sigma = stats.mean_cov()
+    return ImageStatistics(mu, sigma, stats.count, np.concatenate(logits) if logits else None)
+
+
+def load_reference(path: str, runner: InceptionRunner | None = None) -> tuple[np.ndarray,
+                                                                               np.ndarray]:
+    """``(mu, sigma)`` of a reference ``.npz``: its ``mu``/``sigma`` arrays (pytorch-fid,
+    clean-fid and ADM reference batches carry them), else the statistics of its images
+    (``arr_0``, uint8 [N, H, W, 3], as in ADM reference batches), computed with ``runner``."""
+    with np.load(path) as ref:
+        if "mu" in ref and "sigma" in ref:
+            return np.asarray(ref["mu"], np.float64), np.asarray(ref["sigma"], np.float64)
+        if "arr_0" in ref:
+            if runner is None:
+                raise ValueError(f"{path} holds images but no mu/sigma: an Inception is needed")
+            stats = image_statistics(ref["arr_0"], runner)
+            return stats.mu, stats.sigma
+    raise ValueError(f"{path} has neither mu/sigma nor images (arr_0)")
+
+
+def fid_between(a: np.ndarray | str, b: np.ndarray | str, runner: InceptionRunner) -> float:
+    """FID between two image sets, each a directory, an image array, or a reference ``.npz``."""
+    def stats(x):
+        if isinstance(x, (str, os.PathLike)) and os.fspath(x).endswith(".npz"):
+            return load_reference(os.fspath(x), runner)
+        s = image_statistics(x, runner)
+        return s.mu, s.sigma
+    return frechet_distance(*stats(a), *stats(b))
