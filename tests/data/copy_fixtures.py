@@ -46,6 +46,24 @@ def main(src: str) -> None:
         if keep_weights:
             shutil.copy(os.path.join(src, name, "weights.safetensors"),
                         os.path.join(out, "weights.safetensors"))
+    copy_alit(src, dst)
+
+
+def copy_alit(src: str, dst: str, name: str = "alit_tiny_fixture") -> None:
+    """ALIT: both scenario files recompressed, the weights, and the manifest's metadata."""
+    out = os.path.join(dst, name)
+    os.makedirs(out, exist_ok=True)
+    for scenario in ("ref_forced_mask", "ref_eval"):
+        arrays = dict(np.load(os.path.join(src, name, f"{scenario}.npz")))
+        np.savez_compressed(os.path.join(out, f"{scenario}.npz"), **arrays)
+    with open(os.path.join(src, name, "manifest.json")) as f:
+        manifest = json.load(f)
+    keep = ("fixture", "build", "npz", "eval_metrics", "forced_mask_metrics", "train_stage1_loss",
+            "encode_min_length", "state_dict", "num_params_total", "num_params_excl_vqgan")
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump({k: manifest[k] for k in keep}, f, indent=1)
+    shutil.copy(os.path.join(src, name, "weights.safetensors"),
+                os.path.join(out, "weights.safetensors"))
 
 
 if __name__ == "__main__":

@@ -259,7 +259,8 @@ class ALIT(nn.Module):
 
         Halting after iteration k (the mask replaces grid tokens of the stream):
           ``bernoulli``: ``Bernoulli(p_gt) & (p_gt >= threshold)`` from ``fold_in(rng, k)``
-          (official; stochastic at inference too); ``threshold``: ``p_gt >= threshold``
+          (official; stochastic at inference too; ``masks`` replaces the draws to replay a
+          recorded run); ``threshold``: ``p_gt >= threshold``
           (deterministic); ``inject``: ``masks[k]`` (bool ``[num_iters, B, g*g]``) as given;
           ``none``: no halting.
         """
@@ -268,9 +269,9 @@ class ALIT(nn.Module):
             raise ValueError(f"num_iters must be in [1, {self.max_iters}], got {num_iters}")
         if halting not in HALTING_MODES:
             raise ValueError(f"halting must be one of {HALTING_MODES}, got {halting!r}")
-        if halting == "bernoulli" and rng is None:
-            raise ValueError("halting='bernoulli' needs an rng key (or use halting='threshold' "
-                             "for the deterministic rule)")
+        if halting == "bernoulli" and rng is None and masks is None:
+            raise ValueError("halting='bernoulli' needs an rng key (or recorded draws as masks; "
+                             "halting='threshold' is the deterministic rule)")
         if halting == "inject" and masks is None:
             raise ValueError("halting='inject' needs masks [num_iters, B, grid tokens]")
         thr = self.halting_threshold if threshold is None else threshold
@@ -322,7 +323,10 @@ def halting_mask(p_gt: jax.Array, mode: str, threshold: float, key: jax.Array | 
     keep = p_gt >= threshold
     if mode == "threshold":
         return keep
-    return jax.random.bernoulli(key, p_gt) & keep
+    # Official: Bernoulli(p_gt) draws (or injected draws, to replay a recorded run), then the
+    # entries under the threshold are cleared.
+    draws = jax.random.bernoulli(key, p_gt) if injected is None else injected.astype(bool)
+    return draws & keep
 
 
 @dataclasses.dataclass(frozen=True)

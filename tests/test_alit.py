@@ -1,0 +1,272 @@
+"""ALIT: parity with the official code (alit_tiny_fixture), adaptive selection, weights I/O."""
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import DATA
+
+import titok_jax
+from titok_jax import variants
+from titok_jax.convert import official
+from titok_jax.convert.layout import CheckpointMismatchError
+from titok_jax.models.alit import stage1_loss
+
+FIX = os.path.join(DATA, "alit_tiny_fixture")
+WEIGHTS = os.path.join(FIX, "weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    with open(os.path.join(FIX, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def forced():
+    return dict(np.load(os.path.join(FIX, "ref_forced_mask.npz")))
+
+
+@pytest.fixture(scope="module")
+def evalref():
+    return dict(np.load(os.path.join(FIX, "ref_eval.npz")))
+
+
+@pytest.fixture(scope="module")
+def alit():
+    return titok_jax.load_alit("alit_fixture_tiny", WEIGHTS)
+
+
+def _tol(manifest, scenario, key):
+    return max(1e-4, 4.0 * manifest["npz"][scenario][key]["fp64_max_abs_err"])
+
+
+def test_forced_mask_parity_every_iteration(alit, inputs, forced, manifest):
+    """Injected masks (the mask-token path fires on ~half the grid every iteration)."""
+    m = alit.module
+    masks = forced["forced_masks"].astype(bool)
+    gt, outs, applied, recon = jax.jit(
+        lambda p, x, mk: m.apply({"params": p}, x, halting="inject", masks=mk))(
+            alit.params, inputs, masks)
+    np.testing.assert_array_equal(np.asarray(gt), forced["gt_indices"])
+    scen = "ref_forced_mask.npz"
+    for k, out in enumerate(outs):
+        np.testing.assert_array_equal(np.asarray(out.codes), forced[f"it{k}_codes"], f"it{k}")
+        np.testing.assert_array_equal(np.asarray(applied[k]), forced[f"it{k}_applied_mask"] > 0)
+        for name, value in (("latent_tokens", out.latent_tokens),
+                            ("latent_factorized", out.latent_factorized),
+                            ("latent_quantized", out.latent_quantized), ("p_gt", out.p_gt),
+                            ("logits", out.logits)):
+            key = f"it{k}_{name}"
+            if key in forced:
+                err = np.abs(np.asarray(value) - forced[key]).max()
+                assert err <= _tol(manifest, scen, key), (key, err)
+    soft = m.apply({"params": alit.params}, outs[7].logits, method=m.soft_code)
+    assert np.abs(np.asarray(soft) - forced["it7_soft_code"]).max() <= _tol(
+        manifest, scen, "it7_soft_code")
+    err = np.abs(np.asarray(recon) - forced["it7_recon"].transpose(0, 2, 3, 1)).max()
+    assert err <= _tol(manifest, scen, "it7_recon"), err
+
+
+def test_stream_entering_iterations_0_and_1(alit, inputs, forced, manifest):
+    """The iteration-0 stream (patch embed, l2 norm, cls/pos, ln_pre) and iteration 1's (halting
+    with the mask token, appended latents + timestep embedding, ln_recursive)."""
+    m = alit.module
+
+    def streams(m, x, mask0):
+        z, gt = m.vqgan_targets(x)
+        x0 = m.start(x, z)
+        x1, _ = m.step(x0, gt)
+        return x0, m.grow(m.halt(x1, mask0), 1)
+
+    x0, x1 = jax.jit(lambda p, x, mk: m.apply({"params": p}, x, mk, method=streams))(
+        alit.params, inputs, forced["forced_masks"][0] > 0)
+    for k, got in ((0, x0), (1, x1)):
+        key = f"it{k}_encoder_in"
+        err = np.abs(np.asarray(got) - forced[key]).max()
+        assert err <= _tol(manifest, "ref_forced_mask.npz", key), (key, err)
+
+
+def test_recorded_bernoulli_draws_replay_the_official_eval(alit, inputs, evalref, manifest):
+    """The faithful eval forward: Bernoulli draws + threshold 0.55 (recorded draws injected)."""
+    m = alit.module
+    draws = np.stack([evalref[f"it{k}_bernoulli_raw"] for k in range(8)]) > 0
+    assert draws.any()  # some draws fire; the threshold must clear them all
+    _, outs, applied, _ = jax.jit(
+        lambda p, x, d: m.apply({"params": p}, x, halting="bernoulli", masks=d))(
+            alit.params, inputs, draws)
+    for k, out in enumerate(outs):
+        np.testing.assert_array_equal(np.asarray(out.codes), evalref[f"it{k}_codes"])
+        np.testing.assert_array_equal(np.asarray(applied[k]), evalref[f"it{k}_applied_mask"] > 0)
+        err = np.abs(np.asarray(out.p_gt) - evalref[f"it{k}_p_gt"]).max()
+        assert err <= _tol(manifest, "ref_eval.npz", f"it{k}_p_gt")
+    err = np.abs(np.asarray(outs[7].logits) - evalref["it7_logits"]).max()
+    assert err <= _tol(manifest, "ref_eval.npz", "it7_logits")
+
+
+def test_bernoulli_halting_is_seeded(alit, inputs):
+    m = alit.module
+    fn = jax.jit(lambda p, x, key: m.apply({"params": p}, x, halting="bernoulli", rng=key,
+                                           threshold=0.0, num_iters=2)[2])
+    a = fn(alit.params, inputs, jax.random.PRNGKey(1))
+    b = fn(alit.params, inputs, jax.random.PRNGKey(1))
+    c = fn(alit.params, inputs, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert (np.asarray(a[0]) != np.asarray(c[0])).any()
+    with pytest.raises(ValueError, match="rng"):
+        m.apply({"params": alit.params}, inputs, halting="bernoulli")
+
+
+def test_stage1_loss_matches_official(alit, inputs, manifest):
+    m = alit.module
+    ref = manifest["train_stage1_loss"]
+
+    def loss(mod, x):
+        gt, outs, _ = mod.rollout(x, halting="threshold")
+        return stage1_loss(mod, gt, outs, mod.vqgan.quantize.embedding)
+
+    total, terms = jax.jit(lambda p, x: m.apply({"params": p}, x, method=loss))(
+        alit.params, inputs)
+    np.testing.assert_allclose(float(total), ref["total_loss"], rtol=1e-5)
+    for k, it in enumerate(ref["per_iter"]):
+        np.testing.assert_allclose(float(terms[f"nll_{k}"]), it[f"nll_loss_{k}"], rtol=1e-5)
+        np.testing.assert_allclose(float(terms[f"code_loss_{k}"]), it[f"code_loss_{k}"],
+                                   rtol=1e-5)
+        np.testing.assert_allclose(float(terms[f"quantizer_loss_{k}"]),
+                                   it[f"quantization_loss_{k}"], rtol=1e-5)
+
+
+def test_encode_all_and_adaptive_selection(alit, inputs, forced, manifest):
+    out = alit.encode_all(inputs, masks=forced["forced_masks"] > 0)
+    assert [o["codes"].shape for o in out] == [(2, 8 * (k + 1)) for k in range(8)]
+    for k, o in enumerate(out):
+        np.testing.assert_array_equal(np.asarray(o["codes"]), forced[f"it{k}_codes"])
+        np.testing.assert_allclose(np.asarray(o["l1"]),
+                                   manifest["forced_mask_metrics"][k]["l1_per_image"], atol=2e-5)
+    l1 = np.stack([np.asarray(o["l1"], np.float64) for o in out])  # [iters, B]
+
+    # The official batch rule at 0.07 (no iteration qualifies -> best batch-mean L1).
+    _, lengths = alit.encode_adaptive(inputs, threshold=0.07, per_image=False)
+    want = manifest["encode_min_length"][0]["selected_num_tokens"]
+    np.testing.assert_array_equal(lengths, [want, want])
+
+    # Per image, at a threshold between the images' curves: each image stops on its own.
+    thr = float(np.sort(l1.min(axis=0))[-1] + 1e-4)
+    masks = forced["forced_masks"] > 0
+    ids, lengths, info = alit.encode_adaptive(inputs, threshold=thr, per_image=True,
+                                              masks=masks, return_info=True)
+    first = [int(np.argmax(l1[:, i] < thr)) for i in range(2)]
+    np.testing.assert_array_equal(lengths, [8 * (f + 1) for f in first])
+    assert info["iters_run"] == max(first) + 1  # early exit
+    for i, f in enumerate(first):
+        np.testing.assert_array_equal(ids[i, :lengths[i]], np.asarray(out[f]["codes"])[i])
+        assert (ids[i, lengths[i]:] == -1).all()
+    # Decoding the padded ids with their lengths reproduces each chosen reconstruction.
+    dec = np.asarray(alit.decode(ids, lengths))
+    for i, f in enumerate(first):
+        want_img = np.clip(np.asarray(out[f]["recon"])[i], 0, 1)
+        assert np.abs(dec[i] - want_img).max() < 1e-3
+
+    # No threshold met: every image gets its lowest-L1 iteration.
+    _, lengths = alit.encode_adaptive(inputs, threshold=0.0, masks=masks)
+    np.testing.assert_array_equal(lengths, 8 * (np.argmin(l1, axis=0) + 1))
+
+
+def test_fixed_length_encode_and_bad_inputs(alit, inputs):
+    ids = alit.encode(inputs, 16)
+    assert ids.shape == (2, 16) and ids.dtype == jnp.int32
+    with pytest.raises(ValueError, match="multiple of 8"):
+        alit.encode(inputs, 12)
+    with pytest.raises(ValueError, match="256, 256, 3"):
+        alit.encode_all(inputs[:, :128])
+    with pytest.raises(ValueError, match=r"in \[0, 64\)"):
+        alit.decode(np.full((1, 8), 64), [8])
+    with pytest.raises(ValueError, match="lengths must be"):
+        alit.decode(np.zeros((1, 16), np.int32), [12])
+    with pytest.raises(ValueError, match="masks"):
+        alit.encode_all(inputs, masks=np.zeros((8, 2, 10), bool))
+
+
+def _official_checkpoint(path, state, *, extra_ema=None, args=None):
+    import torch
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+    ema = dict(tensors, **(extra_ema or {}))
+    model = {k: v + 1.0 for k, v in tensors.items()}  # different values: check ema is used
+    torch.save({"model": model, "ema": ema, "epoch": 3, "scaler": {"scale": 1024.0},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+                "args": args or argparse.Namespace(model="alit_small", lr=1e-4)}, path)
+
+
+def test_official_checkpoint_layout(tmp_path, alit):
+    """An official ``.pth`` (model/ema dicts, an argparse.Namespace, stage-2 gan_losses.*)
+    loads from ``ema`` with weights_only; export gives back the official state dict."""
+    torch = pytest.importorskip("torch")
+    state = official.read_state_dict(WEIGHTS)
+    gan = {"gan_losses.0.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4),
+           "gan_losses.7.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}
+    path = str(tmp_path / "checkpoint-last.pth")
+    _official_checkpoint(path, state, extra_ema=gan)
+    loaded = titok_jax.load_alit("alit_fixture_tiny", path)
+    for a, b in zip(jax.tree_util.tree_leaves(loaded.params),
+                    jax.tree_util.tree_leaves(alit.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model = titok_jax.load_alit("alit_fixture_tiny", path, which="model")
+    assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(model.params)[0]),
+                              np.asarray(jax.tree_util.tree_leaves(alit.params)[0]))
+    # Export: the official keys and tensors exactly (the gan_losses copies are not model state).
+    out = str(tmp_path / "alit.safetensors")
+    titok_jax.export_pytorch(loaded, out)
+    exported = official.read_state_dict(out)
+    assert set(exported) == set(state)
+    for k in state:
+        np.testing.assert_array_equal(exported[k], state[k], k)
+    # A pickle with any other class is refused, not unpickled.
+    bad = str(tmp_path / "bad.pth")
+    _official_checkpoint(bad, state, args=_Evil())
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        titok_jax.load_alit("alit_fixture_tiny", bad)
+
+
+class _Evil:
+    pass
+
+
+def test_checkpoint_mismatch_names_keys(tmp_path):
+    state = official.read_state_dict(WEIGHTS)
+    state.pop("timestep_embedding")
+    state["encoder_mask_token"] = state["encoder_mask_token"][..., :8]
+    state["extra.weight"] = np.zeros(3, np.float32)
+    path = str(tmp_path / "broken.safetensors")
+    official.write_safetensors(state, path)
+    with pytest.raises(CheckpointMismatchError) as e:
+        titok_jax.load_alit("alit_fixture_tiny", path)
+    msg = str(e.value)
+    assert "timestep_embedding" in msg and "extra.weight" in msg
+    assert "encoder_mask_token: checkpoint (1, 1, 8)" in msg
+
+
+def test_native_round_trip(tmp_path, alit, inputs):
+    alit.save(tmp_path / "alit")
+    again = titok_jax.load_alit("ignored", tmp_path / "alit")
+    np.testing.assert_array_equal(np.asarray(again.encode(inputs, 8)),
+                                  np.asarray(alit.encode(inputs, 8)))
+
+
+def test_official_sizes_parameter_counts():
+    """Parameter counts of the official configurations (alit.md §3, excluding the VQGAN)."""
+    want = {"alit_tiny": 52.8e6, "alit_small": 207.5e6, "alit_base": 174.2e6,
+            "alit_semilarge": 409.1e6}
+    for name, count in want.items():
+        m = variants.build_model(variants.alit_model_config(name))
+        shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0),
+                                jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))["params"]
+        n = sum(int(np.prod(x.shape)) for k, v in shapes.items() if k != "base_tokenizer"
+                for x in jax.tree_util.tree_leaves(v))
+        vqgan = sum(int(np.prod(x.shape))
+                    for x in jax.tree_util.tree_leaves(shapes["base_tokenizer"]))
+        assert abs(n - count) < 0.06e6, (name, n)
+        assert abs(vqgan - 54.52e6) < 0.01e6
