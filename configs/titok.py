@@ -50,6 +50,19 @@ def get_config(arg: str | None = None):
     # Mesh: one "data" axis over all devices; fsdp shards params + optimizer state over it.
     config.mesh = ml_collections.ConfigDict(dict(fsdp=False, fsdp_min_size=2 ** 14, rules=[]))
 
+    # Periodic evaluation (titok_jax/evals) of the EMA params every eval_every steps (0: never):
+    # comma-separated evaluators from rfid, psnr, ssim, lpips, codebook, linear_probe.
+    config.evals = "rfid,psnr,ssim,lpips,codebook"
+    config.eval_every = 0
+    config.eval = ml_collections.ConfigDict(dict(
+        batch_size=64,            # global
+        inception_weights="",     # converted FID Inception (default: fetched into .cache/)
+        inception_fc="",          # pytorch-fid pt_inception-2015-12-05-*.pth: adds the IS head
+        fid_reference="",         # .npz with mu/sigma (or ADM arr_0 images): FID against it
+        is_splits=10,
+        probe_train_split="train", probe_test_split="validation",
+        probe_steps=1000, probe_lr=1e-2, probe_weight_decay=1e-4))
+
     config.log_every = 100
     config.ckpt_every = 5_000
     config.keep_ckpts = 3
@@ -72,5 +85,12 @@ def get_config(arg: str | None = None):
         config.num_grid_images = 6
         config.preemption_check_every = 1
         config.progress_bar = True
+        config.evals = "psnr,ssim,lpips"
+        config.eval_every = 1250
+        config.eval.batch_size = 8
+        # The embedded validation labels are meaningless: probe on a held-out part of train.
+        config.eval.probe_train_split = "train[:75%]"
+        config.eval.probe_test_split = "train[75%:]"
+        config.eval.probe_steps = 300
     config.lock()  # an override of an unknown key raises instead of adding it
     return config

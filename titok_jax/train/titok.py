@@ -247,6 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         parameter_overview.log_parameter_overview(state.params, msg="TiTok parameters")
 
     recon_fn = reconstruct_for_grid(model, teacher, config)
+    evaluation = None
+    if config.eval_every:
+        from titok_jax.evals import runner as eval_lib
+        evaluation = eval_lib.from_config(config, model, teacher, data_dir, t.mesh)
     grid_images = data_lib.first_eval_images(config.data, data_dir, config.num_grid_images,
                                              size) if config.image_every else None
 
@@ -290,6 +294,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 writer.write_images(done, {"inputs_vs_reconstructions": grid[None]})
                 if is_main:
                     save_png(grid, os.path.join(workdir, "images", f"step_{done:07d}.png"))
+            if evaluation is not None and done % config.eval_every == 0:
+                results = evaluation({"model": state.ema_params, "teacher": teacher_params})
+                writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
+                eval_lib.write_results(results, os.path.join(workdir, "eval",
+                                                             f"step_{done:07d}.json"),
+                                       {"step": done, "split": config.data.eval_split})
             stop = done % config.preemption_check_every == 0 and preempt.should_stop()
             final = stop or done == config.total_steps
             if final or ckpt.due(done):
