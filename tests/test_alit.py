@@ -270,3 +270,24 @@ def test_official_sizes_parameter_counts():
                     for x in jax.tree_util.tree_leaves(shapes["base_tokenizer"]))
         assert abs(n - count) < 0.06e6, (name, n)
         assert abs(vqgan - 54.52e6) < 0.01e6
+
+
+def test_cli_tokenize_adaptive_and_reconstruct(tmp_path, inputs):
+    from titok_jax.cli import main
+    from titok_jax.data.images import save_png
+    photos = tmp_path / "photos"
+    for i, img in enumerate(inputs):
+        save_png(img, str(photos / f"img{i}.png"))
+    common = ["--model", "alit_fixture_tiny", "--weights", WEIGHTS, "--images", str(photos)]
+    assert main(["tokenize", *common, "--adaptive", "--threshold", "0.6356",
+                 "--out", str(tmp_path / "tok.npz")]) == 0
+    z = np.load(tmp_path / "tok.npz")
+    assert z["ids"].shape == (2, 64) and z["lengths"].shape == (2,)
+    assert len(set(z["lengths"].tolist())) == 2  # the two images get different lengths
+    for ids, n in zip(z["ids"], z["lengths"]):
+        assert (ids[:n] >= 0).all() and (ids[n:] == -1).all()
+    assert main(["reconstruct", *common, "--tokens", "16", "--out", str(tmp_path / "rec")]) == 0
+    with open(tmp_path / "rec" / "token_counts.json") as f:
+        assert json.load(f) == {"img0.png": 16, "img1.png": 16}
+    assert (tmp_path / "rec" / "img1_recon.png").exists()
+    assert main(["tokenize", *common, "--tokens", "12", "--out", str(tmp_path / "x.npz")]) == 2

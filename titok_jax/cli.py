@@ -1,4 +1,7 @@
-"""``titok-jax`` command line: reconstruct, tokenize, export, import, sample-images."""
+"""``titok-jax`` command line: reconstruct, tokenize, export, import, train, sample-images.
+
+TiTok models (``--model titok_*``) and ALIT models (``--model alit_*``, with ``--adaptive`` or
+``--tokens``) share the commands."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +17,8 @@ log = logging.getLogger("titok_jax")
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="titok_l32",
-                   help="titok_l32 | titok_b64 | titok_s128 | titok_bl64_vq | ... (ignored for a "
-                        "titok-jax checkpoint folder)")
+                   help="titok_l32 | titok_b64 | titok_s128 | titok_bl64_vq | ... | alit_small | "
+                        "alit_tiny | alit_base | alit_semilarge (ignored for a titok-jax folder)")
     p.add_argument("--weights", required=True,
                    help="official .bin/.pt/.safetensors state dict, or a titok-jax folder")
     p.add_argument("--stage", type=int, choices=(1, 2), default=None,
@@ -25,10 +28,51 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
 
 
+def _add_alit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ALIT (adaptive length)")
+    g.add_argument("--adaptive", action="store_true",
+                   help="choose each image's token count by reconstruction L1 < --threshold")
+    g.add_argument("--threshold", type=float, default=0.07,
+                   help="L1 threshold of the token-selection criterion (official default 0.07)")
+    g.add_argument("--per-batch", action="store_true",
+                   help="the official rule: one token count per batch (default: per image)")
+    g.add_argument("--tokens", type=int, default=None,
+                   help="fixed token count (a multiple of 32 up to 256; default: the maximum)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="run the official stochastic (Bernoulli) 2D-token halting with this seed; "
+                        "default: the deterministic threshold rule")
+
+
+def _is_alit(args) -> bool:
+    from titok_jax.convert import native
+    if native.is_native_dir(args.weights):
+        return native.load_native_config(args.weights).name == "alit"
+    return args.model.startswith("alit")
+
+
 def _load(args):
     import titok_jax
+    if _is_alit(args):
+        return titok_jax.load_alit(args.model, args.weights, dtype=args.dtype)
     return titok_jax.load_tokenizer(args.model, args.weights, stage=args.stage,
                                     vqgan_path=args.vqgan, dtype=args.dtype)
+
+
+def _alit_encode(tok, batch, args, with_recon: bool = False):
+    """(padded ids [B, max_tokens], lengths [B], reconstructions in [0, 1] or None) at a fixed
+    or adaptive length. Adaptive selection already decoded the chosen lengths."""
+    import jax
+    rng = None if args.seed is None else jax.random.PRNGKey(args.seed)
+    if args.adaptive:
+        ids, lengths, info = tok.encode_adaptive(batch, threshold=args.threshold,
+                                                 per_image=not args.per_batch, rng=rng,
+                                                 return_info=True)
+        return ids, lengths, np.clip(info["recon"], 0.0, 1.0)
+    n = args.tokens or tok.max_tokens
+    ids = np.full((batch.shape[0], tok.max_tokens), -1, np.int32)
+    ids[:, :n] = np.asarray(tok.encode(batch, n, rng=rng))
+    lengths = np.full((batch.shape[0],), n, np.int32)
+    return ids, lengths, np.asarray(tok.decode(ids, lengths)) if with_recon else None
 
 
 def _iter_batches(files: list[str], size: int, batch: int):
@@ -64,11 +108,16 @@ def _files_or_exit(spec: str) -> list[str]:
 def cmd_reconstruct(args) -> int:
     from titok_jax.data.images import save_png, side_by_side_grid
     tok = _load(args)
+    alit = _is_alit(args)
     files = _files_or_exit(args.images)
     os.makedirs(args.out, exist_ok=True)
-    grid_pairs, written = [], 0
+    grid_pairs, written, counts = [], 0, {}
     for paths, batch in _iter_batches(files, tok.image_size, args.batch_size):
-        recon = np.asarray(tok.reconstruct(batch))
+        if alit:
+            ids, lengths, recon = _alit_encode(tok, batch, args, with_recon=True)
+            counts.update({os.path.basename(p): int(n) for p, n in zip(paths, lengths)})
+        else:
+            recon = np.asarray(tok.reconstruct(batch))
         for path, original, rec in zip(paths, batch, recon):
             stem = os.path.splitext(os.path.basename(path))[0]
             save_png(rec, os.path.join(args.out, f"{stem}_recon.png"))
@@ -79,6 +128,11 @@ def cmd_reconstruct(args) -> int:
         raise SystemExit("error: none of the images could be read")
     grid_path = os.path.join(args.out, "grid.png")
     save_png(side_by_side_grid(grid_pairs), grid_path)
+    if counts:
+        with open(os.path.join(args.out, "token_counts.json"), "w") as f:
+            json.dump(counts, f, indent=1)
+        print(f"token counts: mean {np.mean(list(counts.values())):.1f} "
+              f"(per image in {os.path.join(args.out, 'token_counts.json')})")
     print(f"wrote {written} reconstructions to {args.out} and the input|reconstruction grid "
           f"{grid_path}")
     return 0
@@ -86,19 +140,32 @@ def cmd_reconstruct(args) -> int:
 
 def cmd_tokenize(args) -> int:
     tok = _load(args)
+    alit = _is_alit(args)
     files = _files_or_exit(args.images)
-    names, tokens = [], []
+    names, tokens, lengths = [], [], []
     for paths, batch in _iter_batches(files, tok.image_size, args.batch_size):
-        tokens.append(np.asarray(tok.encode(batch)))
+        if alit:
+            ids, n, _ = _alit_encode(tok, batch, args)
+            tokens.append(ids)
+            lengths.append(n)
+        else:
+            tokens.append(np.asarray(tok.encode(batch)))
         names.extend(paths)
     if not names:
         raise SystemExit("error: none of the images could be read")
     tokens = np.concatenate(tokens)
-    key = "latents" if tok.is_vae else "ids"
+    key = "latents" if not alit and tok.is_vae else "ids"
+    extra = {"lengths": np.concatenate(lengths)} if alit else {}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, **{key: tokens}, files=np.array(names),
+    np.savez(args.out, **{key: tokens}, **extra, files=np.array(names),
              model=np.array(json.dumps(tok.config.to_dict())))
     print(f"wrote {key} {tokens.shape} {tokens.dtype} for {len(names)} images to {args.out}")
+    if alit:
+        n = extra["lengths"]
+        print(f"token counts per image (ids padded with -1 after each length): mean "
+              f"{n.mean():.1f}, min {n.min()}, max {n.max()}; "
+              + ", ".join(f"{os.path.basename(f)}={c}" for f, c in list(zip(names, n))[:8])
+              + (" ..." if len(n) > 8 else ""))
     return 0
 
 
@@ -145,13 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grid-size", type=int, default=8, help="images in grid.png")
+    _add_alit_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("tokenize", help="encode images to token ids (.npz)")
     _add_model_args(p)
     p.add_argument("--images", required=True)
-    p.add_argument("--out", required=True, help="output .npz (ids [N_images, N], files)")
+    p.add_argument("--out", required=True, help="output .npz (ids [N_images, N], files; ALIT: "
+                                                "ids padded with -1 and lengths)")
     p.add_argument("--batch-size", type=int, default=8)
+    _add_alit_args(p)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("export", help="write official PyTorch key names as .safetensors")

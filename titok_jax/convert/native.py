@@ -29,6 +29,12 @@ def save_native(directory: str | os.PathLike, model_config: ml_collections.Confi
         json.dump(model_config.to_dict(), f, indent=2, sort_keys=True)
 
 
+def load_native_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Only the ``config.model`` block of a titok-jax folder."""
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
 def load_native(directory: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dict]:
     """Returns (model config, params) of a folder written by :func:`save_native`."""
     from safetensors.numpy import load_file
