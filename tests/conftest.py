@@ -75,3 +75,10 @@ def fixture_model_config(fx: Fixture):
     cfg.commitment_cost = b.get("commitment_cost", 0.25)
     cfg.is_legacy, cfg.finetune_decoder = b["is_legacy"], b["finetune_decoder"]
     return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The embedded photo dataset prepared by the real TFDS imagenet2012 builder (~3 s)."""
+    from titok_jax.data.embedded import prepare_embedded_imagenet
+    return prepare_embedded_imagenet(str(tmp_path_factory.mktemp("tfds")))

@@ -291,3 +291,58 @@ def test_cli_tokenize_adaptive_and_reconstruct(tmp_path, inputs):
         assert json.load(f) == {"img0.png": 16, "img1.png": 16}
     assert (tmp_path / "rec" / "img1_recon.png").exists()
     assert main(["tokenize", *common, "--tokens", "12", "--out", str(tmp_path / "x.npz")]) == 2
+
+
+def _alit_runlocal(data_dir, *overrides):
+    from titok_jax.config_arg import apply_overrides, load_config
+    config = load_config(os.path.join(os.path.dirname(DATA), "..", "configs",
+                                      "alit.py:runlocal=True"))
+    # 2 of the 8 iterations keep compile time down; the loop is the same.
+    apply_overrides(config, [f"data.data_dir={data_dir}", "progress_bar=False",
+                             "model.max_iters=2", "num_grid_images=2", *overrides])
+    return config
+
+
+def test_alit_stage1_training_learns_resumes_and_exports(data_dir, tmp_path, monkeypatch):
+    from titok_jax.train import titok as trainer_lib
+    from test_train import scalars
+
+    common = ("log_every=5", "ckpt_every=10", "image_every=20", "optimizer.warmup_steps=5")
+    full = trainer_lib.train_and_evaluate(
+        _alit_runlocal(data_dir, "total_steps=20", *common), str(tmp_path / "full"))
+    loss = scalars(str(tmp_path / "full"), "loss")
+    # It starts at about (2.5 + 2) ln 64 = 18.7 (uniform logits over the 64 VQGAN codes).
+    assert loss[20] < 0.95 * loss[5], loss
+    for tag in ("nll_0", "nll_1", "accuracy_1", "code_loss_1", "quantizer_loss_0",
+                "codebook_usage_last_iter", "grad_norm"):
+        assert sorted(scalars(str(tmp_path / "full"), tag)) == [5, 10, 15, 20], tag
+    # SIGTERM (preemption) after step 7, then a resume: the same final weights as the
+    # uninterrupted run.
+    import signal
+    from titok_jax.train import checkpoint as ckpt_lib
+    original, calls = ckpt_lib.PreemptionFlag.should_stop, []
+
+    def should_stop(self):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+    split = str(tmp_path / "split")
+    monkeypatch.setattr(ckpt_lib.PreemptionFlag, "should_stop", should_stop)
+    stopped = trainer_lib.train_and_evaluate(
+        _alit_runlocal(data_dir, "total_steps=20", *common), split)
+    assert int(stopped.step) == 7
+    monkeypatch.setattr(ckpt_lib.PreemptionFlag, "should_stop", original)
+    resumed = trainer_lib.train_and_evaluate(
+        _alit_runlocal(data_dir, "total_steps=20", *common), split)
+    assert int(resumed.step) == 20
+    for a, b in zip(jax.tree_util.tree_leaves(full.params),
+                    jax.tree_util.tree_leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The export is a complete ALIT (frozen VQGAN included) that the API loads.
+    alit = titok_jax.load_alit("ignored", tmp_path / "full" / "export")
+    assert alit.max_iters == 2
+    images = np.random.default_rng(0).random((2, 64, 64, 3), np.float32)
+    ids, lengths = alit.encode_adaptive(images, threshold=0.5)
+    assert ids.shape == (2, 8) and set(lengths.tolist()) <= {4, 8}
+    assert os.path.isfile(tmp_path / "full" / "reconstructions" / "grid.png")

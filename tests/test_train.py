@@ -15,16 +15,10 @@ import pytest
 from titok_jax import sharding
 from titok_jax.config_arg import apply_overrides, load_config
 from titok_jax.data import pipeline as data_lib
-from titok_jax.data.embedded import prepare_embedded_imagenet
 from titok_jax.train import titok as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "titok.py")
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return prepare_embedded_imagenet(str(tmp_path_factory.mktemp("tfds")))
 
 
 def runlocal(data_dir, *overrides, arg="runlocal"):

@@ -1,4 +1,5 @@
-"""TiTok tokenizer training, big_vision style: read it top to bottom.
+"""Tokenizer training (TiTok; ALIT through ``titok_jax/train/alit.py``), big_vision style: read
+it top to bottom.
 
 mesh -> data -> abstract shapes -> shardings -> params born sharded -> jitted step -> restore
 -> loop (metrics, image grids, checkpoints, preemption).
@@ -9,6 +10,8 @@ Objectives (``config.loss``):
 * ``pixel_l2``: mean squared error of the pixel-head reconstruction + quantizer loss (VQ) or
   ``kl_weight`` x KL (VAE): the reconstruction terms of the single-stage recipe, without its
   perceptual and GAN losses. The CPU quickstart uses it, since it has no pretrained teacher.
+* ``alit_stage1``: ALIT latent distillation (``config.model.name == "alit"``); the frozen VQGAN
+  inside the model plays the teacher's part (see ``train/alit.py``).
 """
 from __future__ import annotations
 
@@ -22,14 +25,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from titok_jax import sharding, variants
-from titok_jax.convert.official import TITOK_MAP, import_official, read_state_dict
+from titok_jax.convert.official import (import_official, name_map_for, read_state_dict,
+                                       read_training_checkpoint)
 from titok_jax.data import pipeline as data_lib
 from titok_jax.losses import stage1_loss
 from titok_jax.train import checkpoint as ckpt_lib
-from titok_jax.train.state import TrainState, ema_update, make_optimizer
+from titok_jax.train.state import TrainState, apply_update, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +82,8 @@ def make_train_step(model, teacher, config, tx, schedule):
                 teacher.apply({"params": teacher_params}, images, method=teacher.encode))
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, images, targets, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-        # A non-finite step leaves the state untouched (the host stops on the flag). Zeroed
-        # updates and a unit EMA decay are elementwise and fuse into the update; only the
-        # optimizer state needs a select, so the state is not held twice in memory.
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, 0.0), updates)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, state.step, config.ema_decay, active=finite)
-        new = TrainState(step=state.step + finite.astype(state.step.dtype), params=params,
-                         ema_params=ema,
-                         opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state))
-        metrics = {"loss": loss, **terms,
-                   "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
-                   "update_norm": update_norm, "learning_rate": schedule(state.step),
-                   "nonfinite": 1.0 - finite.astype(jnp.float32)}
-        return new, metrics
+        new, metrics = apply_update(state, loss, grads, tx, schedule, config.ema_decay)
+        return new, {**metrics, **terms}
 
     return step
 
@@ -120,9 +107,11 @@ def _build_teacher(config):
     return teacher, params
 
 
-def _init_state(model, tx_factory, abstract_images):
+def _init_state(model, tx_factory, abstract_images, trainable=lambda params: params):
+    """rng -> TrainState; ``trainable`` picks the trained part of the model's params."""
     def init(rng):
-        params = model.init(rng, jnp.zeros(abstract_images.shape, abstract_images.dtype))["params"]
+        params = trainable(model.init(rng, jnp.zeros(abstract_images.shape,
+                                                      abstract_images.dtype))["params"])
         tx, _ = tx_factory(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           ema_params=jax.tree_util.tree_map(jnp.copy, params),
@@ -131,17 +120,43 @@ def _init_state(model, tx_factory, abstract_images):
 
 
 def _load_init_weights(config, abstract_params):
-    """Optional warm start from an official or titok-jax checkpoint (``config.init_from``)."""
+    """Optional warm start from an official or titok-jax checkpoint (``config.init_from``).
+    ALIT checkpoints hold the VQGAN too; only the trainable part is returned."""
     from titok_jax.convert import native
+    from titok_jax.convert.layout import check_params
+    alit = _is_alit(config)
+    if alit:
+        from titok_jax.train import alit as alit_lib
+        abstract_params = alit_lib.merge(abstract_params, _vqgan_abstract(config))
     if native.is_native_dir(config.init_from):
-        from titok_jax.convert.layout import check_params
-        return check_params(native.load_native(config.init_from)[1], abstract_params,
-                            config.init_from)
-    return import_official(read_state_dict(config.init_from), abstract_params, config.model)
+        params = check_params(native.load_native(config.init_from)[1], abstract_params,
+                              config.init_from)
+    else:
+        params = import_official(read_training_checkpoint(config.init_from), abstract_params,
+                                 config.model)
+    return alit_lib.split_frozen(params)[0] if alit else params
+
+
+def _is_alit(config) -> bool:
+    return config.model.name == "alit"
+
+
+def _vqgan_abstract(config):
+    """Shapes of ALIT's frozen VQGAN subtree."""
+    from titok_jax.train import alit as alit_lib
+    model = variants.build_model(config.model)
+    size = config.model.image_size
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+                          )["params"][alit_lib.FROZEN]
 
 
 def reconstruct_for_grid(model, teacher, config):
     """A jitted (params, teacher_params, images) -> images in [0, 1] for image logging."""
+    if _is_alit(config):
+        from titok_jax.train import alit as alit_lib
+        return alit_lib.reconstruct_for_grid(model, config)
+
     def fn(params, teacher_params, images):
         out = model.apply({"params": params}, images)
         if config.loss == "proxy_ce":
@@ -174,15 +189,24 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
         raise ValueError(f"global_batch {config.global_batch} is not divisible by the "
                          f"{mesh.size} devices")
     model = variants.build_model(config.model)
-    teacher, teacher_params = _build_teacher(config)
-    teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
     size = config.model.image_size
     abstract_images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    abstract_params = jax.eval_shape(model.init, jax.random.PRNGKey(0), abstract_images)["params"]
-    tx, schedule = make_optimizer(config.optimizer, abstract_params, TITOK_MAP)
-    init_fn = _init_state(model, lambda p: make_optimizer(config.optimizer, p, TITOK_MAP),
-                          abstract_images)
+    name_map = name_map_for(config.model)
+    tx_factory = lambda p: make_optimizer(config.optimizer, p, name_map)  # noqa: E731
+    if _is_alit(config):
+        from titok_jax.train import alit as alit_lib
+        teacher, teacher_params = None, alit_lib.load_vqgan(config, model)
+        init_fn = _init_state(model, tx_factory, abstract_images,
+                              lambda p: alit_lib.split_frozen(p)[0])
+    else:
+        teacher, teacher_params = _build_teacher(config)
+        init_fn = _init_state(model, tx_factory, abstract_images)
+    teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
     abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    abstract_params = abstract_state.params
+    tx, schedule = tx_factory(abstract_params)
+    step_fn = (alit_lib.make_train_step(model, config, tx, schedule) if _is_alit(config)
+               else make_train_step(model, teacher, config, tx, schedule))
     rules = [(r, jax.sharding.PartitionSpec(*spec)) for r, spec in config.mesh.rules]
     state_shardings = sharding.tree_shardings(abstract_state, mesh, rules, fsdp=config.mesh.fsdp,
                                               fsdp_min_size=config.mesh.fsdp_min_size)
@@ -192,8 +216,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     # The step is pure; the state is donated; RNG comes from fold_in(seed, step).
-    train_step = jax.jit(make_train_step(model, teacher, config, tx, schedule),
-                         donate_argnums=(0,),
+    train_step = jax.jit(step_fn, donate_argnums=(0,),
                          in_shardings=(state_shardings, batch_sharding, replicated, replicated),
                          out_shardings=(state_shardings, replicated))
     return Trainer(config, mesh, model, teacher, teacher_params, abstract_params, abstract_state,
@@ -244,11 +267,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                   ema_params=jax.tree_util.tree_map(jnp.copy, params))
         step0 = 0
     if is_main:
-        parameter_overview.log_parameter_overview(state.params, msg="TiTok parameters")
+        parameter_overview.log_parameter_overview(state.params, msg="trainable parameters")
 
     recon_fn = reconstruct_for_grid(model, teacher, config)
     evaluation = None
-    if config.eval_every:
+    if config.eval_every and not _is_alit(config):
         from titok_jax.evals import runner as eval_lib
         evaluation = eval_lib.from_config(config, model, teacher, data_dir, t.mesh)
     grid_images = data_lib.first_eval_images(config.data, data_dir, config.num_grid_images,
@@ -328,6 +351,9 @@ def _write_final_outputs(config, workdir, t, state, recon_fn, data_dir) -> None:
     from titok_jax.convert import native
     from titok_jax.data.images import save_png, side_by_side_grid
     ema = jax.device_get(state.ema_params)
+    if _is_alit(config):  # the export holds the whole model, frozen VQGAN included
+        from titok_jax.train import alit as alit_lib
+        ema = alit_lib.merge(ema, jax.device_get(t.teacher_params))
     native.save_native(os.path.join(workdir, "export"), config.model, ema)
     if not config.num_grid_images:
         return
@@ -343,6 +369,13 @@ def _write_final_outputs(config, workdir, t, state, recon_fn, data_dir) -> None:
 
 
 def _check_supported(config) -> None:
+    if _is_alit(config):
+        if config.loss != "alit_stage1":
+            raise NotImplementedError(
+                f"ALIT training supports loss='alit_stage1' (latent distillation); got "
+                f"{config.loss!r}. Stage 2 (full fine-tuning with L1 + LPIPS + PatchGAN per "
+                "iteration) is not implemented yet")
+        return
     if config.model.finetune_decoder:
         raise NotImplementedError(
             "stage-2 training (decoder fine-tuning with perceptual and GAN losses) is not "
