@@ -19,7 +19,7 @@ release ``maskgit-vqgan-imagenet-f16-256.bin`` (same architecture).
 import ml_collections
 
 from titok_jax import variants
-from titok_jax.config_arg import parse_arg
+from titok_jax.config_arg import add_run_fields, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -32,7 +32,6 @@ def get_config(arg: str | None = None):
     config.loss = "alit_stage1"
     config.seed = 42
     config.total_steps = 1_000_000
-    config.global_batch = 256
     config.quantizer_weight = 1.0
     config.ema_decay = 0.9999
     config.init_from = ""  # optional warm start: an official ALIT checkpoint or titok-jax folder
@@ -46,34 +45,13 @@ def get_config(arg: str | None = None):
         no_decay=[]))
 
     config.teacher = ml_collections.ConfigDict(dict(size=config.model.vqgan, weights=""))
-
-    config.data = ml_collections.ConfigDict(dict(
-        dataset="imagenet2012", data_dir="", embedded=False, train_split="train",
-        eval_split="validation", num_threads=16))
-    config.mesh = ml_collections.ConfigDict(dict(fsdp=False, fsdp_min_size=2 ** 14, rules=[]))
     config.eval_every = 0  # ALIT evaluation: titok-jax alit-eval (per-iteration metrics)
-
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.keep_ckpts = 3
-    config.image_every = 5_000
-    config.num_grid_images = 8
-    config.preemption_check_every = 10
-    config.progress_bar = False
-
+    add_run_fields(config, runlocal=a.runlocal)
     if a.runlocal:
         config.total_steps = 300
-        config.global_batch = 8
         config.optimizer.lr = 1e-3
         config.optimizer.warmup_steps = 20
         config.ema_decay = 0.99
-        config.data.embedded = True
-        config.data.num_threads = 4
-        config.log_every = 25
-        config.ckpt_every = 100
-        config.image_every = 100
-        config.num_grid_images = 6
-        config.preemption_check_every = 1
-        config.progress_bar = True
+        config.log_every, config.ckpt_every, config.image_every = 25, 100, 100
     config.lock()
     return config

@@ -78,3 +78,26 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         elif current is not None and not isinstance(value, type(current)):
             raise ValueError(f"config key {key!r} expects {type(current).__name__}, got {raw!r}")
         node[leaf] = value
+
+
+def add_run_fields(config, *, runlocal: bool) -> None:
+    """The data, mesh, logging and checkpoint fields every training config shares, with their
+    CPU ``runlocal`` values (embedded photos, global batch 8, frequent logs and checkpoints)."""
+    import ml_collections
+    config.data = ml_collections.ConfigDict(dict(
+        dataset="imagenet2012", data_dir="", embedded=runlocal, train_split="train",
+        eval_split="validation", num_threads=4 if runlocal else 16))
+    # Mesh: one "data" axis over all devices; fsdp shards params + optimizer state over it.
+    config.mesh = ml_collections.ConfigDict(dict(fsdp=False, fsdp_min_size=2 ** 14, rules=[]))
+    config.keep_ckpts = 3
+    if runlocal:
+        config.global_batch = 8
+        config.num_grid_images = 6
+        config.preemption_check_every = 1
+        config.progress_bar = True
+    else:
+        config.global_batch = 256
+        config.log_every, config.ckpt_every, config.image_every = 100, 5_000, 5_000
+        config.num_grid_images = 8
+        config.preemption_check_every = 10
+        config.progress_bar = False
