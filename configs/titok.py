@@ -60,6 +60,7 @@ def get_config(arg: str | None = None):
         inception_fc="",          # pytorch-fid pt_inception-2015-12-05-*.pth: adds the IS head
         fid_reference="",         # .npz with mu/sigma (or ADM arr_0 images): FID against it
         is_splits=10,
+        fid_sqrt="scipy",         # scipy.linalg.sqrtm (the protocol) | eigh (faster, same value)
         probe_train_split="train", probe_test_split="validation",
         probe_steps=1000, probe_lr=1e-2, probe_weight_decay=1e-4))
 

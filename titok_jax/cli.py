@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-images", help="write the sample photos bundled with scikit-image")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample_images)
+
+    from titok_jax.evals.cli import register as register_eval_commands
+    register_eval_commands(sub)  # eval, fid, fetch-inception
     return parser
 
 
@@ -255,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     overrides = [r[len("--config."):] for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
-    if unknown or (overrides and args.command != "train"):
+    if unknown or (overrides and args.command not in ("train", "eval")):
         build_parser().error(f"unrecognized arguments: {' '.join(unknown or rest)}")
     try:
-        if args.command == "train":
+        if args.command in ("train", "eval"):
             return args.func(args, overrides)
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

