@@ -346,3 +346,41 @@ def test_alit_stage1_training_learns_resumes_and_exports(data_dir, tmp_path, mon
     ids, lengths = alit.encode_adaptive(images, threshold=0.5)
     assert ids.shape == (2, 8) and set(lengths.tolist()) <= {4, 8}
     assert os.path.isfile(tmp_path / "full" / "reconstructions" / "grid.png")
+
+
+def test_choose_iterations_rules():
+    from titok_jax.evals.alit import choose_iterations
+    l1 = np.array([[0.5, 0.4, 0.3], [0.2, 0.3, 0.1], [0.5, 0.5, 0.5], [0.6, 0.45, 0.5]])
+    np.testing.assert_array_equal(choose_iterations(l1, 0.35), [2, 0, 0, 1])
+    # Official rule on batches of 2: means [0.35, 0.35, 0.2] -> first under 0.3 is k=2;
+    # [0.55, 0.475, 0.5] -> none under, best is k=1.
+    np.testing.assert_array_equal(choose_iterations(l1, 0.3, per_image=False, batch_size=2),
+                                  [2, 2, 1, 1])
+
+
+def test_alit_eval_report_and_plots(alit, inputs, manifest, tmp_path):
+    from titok_jax.evals import alit as alit_eval
+    padded = np.concatenate([inputs, np.zeros_like(inputs[:1])])
+    batches = [(padded, np.array([True, True, False]))]
+    report, curves = alit_eval.evaluate(alit, batches, thresholds=(0.6355, 0.7), batch_size=2)
+    assert report["num_images"] == 2 and curves["l1"].shape == (2, 8)
+    want = [m["l1_per_image"] for m in manifest["eval_metrics"]]  # threshold mode == eval run
+    np.testing.assert_allclose(curves["l1"], np.array(want).T, atol=2e-5)
+    t = report["thresholds"]["0.7"]["per_image"]
+    assert t["mean_tokens"] == 8 and t["histogram"]["8"] == 2 and t["met_threshold"] == 1.0
+    paths = alit_eval.write_report(report, curves, str(tmp_path))
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    with open(paths[0]) as f:
+        assert json.load(f)["per_iteration"][7]["tokens"] == 64
+
+
+def test_cli_alit_eval_on_embedded_split(data_dir, tmp_path):
+    from titok_jax.cli import main
+    out = tmp_path / "eval"
+    assert main(["alit-eval", "--model", "alit_fixture_tiny", "--weights", WEIGHTS,
+                 "--split", "validation[:3]", "--data-dir", data_dir, "--batch-size", "2",
+                 "--thresholds", "0.1,0.3", "--out", str(out)]) == 0
+    with open(out / "alit_eval.json") as f:
+        report = json.load(f)
+    assert report["num_images"] == 3 and len(report["per_iteration"]) == 8
+    assert (out / "alit_token_counts.png").exists()

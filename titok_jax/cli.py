@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from titok_jax.evals.cli import register as register_eval_commands
     register_eval_commands(sub)  # eval, fid, fetch-inception
+    from titok_jax.evals.alit import register as register_alit_eval
+    register_alit_eval(sub)  # alit-eval
     return parser
 
 
