@@ -384,3 +384,10 @@ def test_cli_alit_eval_on_embedded_split(data_dir, tmp_path):
         report = json.load(f)
     assert report["num_images"] == 3 and len(report["per_iteration"]) == 8
     assert (out / "alit_token_counts.png").exists()
+
+
+def test_fixed_length_encode_equals_encode_all(alit, inputs):
+    """encode() skips the last decoder pass; its codes are encode_all's."""
+    out = alit.encode_all(inputs, num_iters=3, with_recon=False)
+    np.testing.assert_array_equal(np.asarray(alit.encode(inputs, 24)),
+                                  np.asarray(out[2]["codes"]))

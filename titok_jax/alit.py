@@ -74,6 +74,7 @@ class ALITTokenizer:
         self._start = jax.jit(functools.partial(m.apply, method=_start))
         self._pixels = jax.jit(functools.partial(m.apply, method=m.decode_pixels))
         self._decode = jax.jit(functools.partial(m.apply, method=_decode_ids))
+        self._codes_only = jax.jit(functools.partial(m.apply, method=_codes_only))
         self._iters: dict[tuple[int, str], Any] = {}
 
     # -- properties ---------------------------------------------------------------------------
@@ -116,12 +117,17 @@ class ALITTokenizer:
             return "inject", jnp.asarray(masks.astype(bool))
         return ("bernoulli" if rng is not None else "threshold"), None
 
-    def _iterate(self, images, masks, rng, num_iters: int):
-        """Yields (k, per-iteration device outputs) for k < num_iters."""
+    def _iterate(self, images, masks, rng, num_iters: int, codes_only_last: bool = False):
+        """Yields (k, per-iteration device outputs) for k < num_iters. With
+        ``codes_only_last`` the last iteration yields only ``{"codes"}``: its decoder pass only
+        serves the halting of the next iteration, so a fixed-length encode skips it."""
         x = check_images(images, self.image_size)
         mode, masks = self._halting(masks, rng, num_iters, x.shape[0])
         stream, gt_ids = self._start(self._vars(), x)
         for k in range(num_iters):
+            if codes_only_last and k == num_iters - 1:
+                yield k, {"codes": self._codes_only(self._vars(), stream)}
+                return
             key = None if rng is None else jax.random.fold_in(rng, k)
             stream, out = self._iteration(k, mode)(
                 self._vars(), stream, gt_ids, key, None if masks is None else masks[k])
@@ -163,7 +169,7 @@ class ALITTokenizer:
                              f"[{self.tokens_per_iter}, {self.max_tokens}], got {num_tokens}")
         iters = num_tokens // self.tokens_per_iter
         out = None
-        for _, out in self._iterate(images, masks, rng, iters):
+        for _, out in self._iterate(images, masks, rng, iters, codes_only_last=True):
             pass
         return out["codes"]
 
@@ -272,6 +278,12 @@ def _iteration(m, x, gt_ids, key, injected, *, k: int, halting: str, last: bool)
               "logits": out.logits,
               "halting_mask": jnp.zeros(out.p_gt.shape, bool) if mask is None else mask}
     return x, result
+
+
+def _codes_only(m, x):
+    """Encoder pass + quantization of a stream (no decoder): the codes of that iteration."""
+    x = m.encoder(x)
+    return m.bottleneck(x[:, 1 + m.grid_tokens:])[2]
 
 
 def _decode_ids(m, ids, lengths):
