@@ -120,3 +120,44 @@ def official_config(variant: str) -> Any:
                     vit_enc_patch_size=cfg.patch_size, vit_dec_patch_size=cfg.patch_size)
     return OmegaConf.create({"model": {"vq_model": vq_model},
                              "dataset": {"preprocessing": {"crop_size": cfg.image_size}}})
+
+
+def load_official_alit(src: str) -> Callable[..., Any] | None:
+    """A factory ``size -> official AdaptiveLengthImageTokenizer`` (random init, VQGAN base, CPU) from a checkout of ShivamDuggal4/adaptive-length-tokenizer, or None
+    with the reason printed.
+
+    Training-only imports are stubbed (``pytorch_lightning``, ``utils.misc`` which imports
+    torchvision), and ``Tensor.get_device`` answers ``"cpu"`` for CPU tensors: the official
+    code calls ``.to(x.get_device())``, which fails on CPU (-1). Nothing else is changed."""
+    missing = [n for n in ("torch", "einops", "omegaconf") if importlib.util.find_spec(n) is None]
+    if missing:
+        print(f"[official] skipped: missing packages; pip install {' '.join(missing)}")
+        return None
+    if not os.path.isfile(os.path.join(src, "adaptive_tokenizers", "adaptive_vqgan.py")):
+        print(f"[official] skipped: {src} has no adaptive_tokenizers/adaptive_vqgan.py")
+        return None
+    import torch
+    lightning = types.ModuleType("pytorch_lightning")
+    lightning.LightningModule = torch.nn.Module
+    sys.modules.setdefault("pytorch_lightning", lightning)
+    utils, misc = types.ModuleType("utils"), types.ModuleType("utils.misc")
+    utils.__path__ = [os.path.join(src, "utils")]
+    misc.all_reduce_mean = lambda x: x
+    sys.modules.setdefault("utils", utils)
+    sys.modules.setdefault("utils.misc", misc)
+    sys.path[:0] = [src, os.path.join(src, "base_tokenizers")]
+    original_get_device = torch.Tensor.get_device
+    torch.Tensor.get_device = lambda t: "cpu" if t.device.type == "cpu" else original_get_device(t)
+
+    def build(size: str):
+        cwd = os.getcwd()
+        os.chdir(src)  # the official code reads its YAML configs by relative path
+        try:
+            import adaptive_tokenizers as at
+            args = {"id": "vqgan", "embed_dim": 256, "pretrained_ckpt_path": None}
+            model = getattr(at, size)(args, train_stage="latent_distillation_pretrain")
+        finally:
+            os.chdir(cwd)
+        model.train_stage = "full_finetuning"  # pixels from the soft code (the eval path)
+        return model.eval()
+    return build
