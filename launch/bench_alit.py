@@ -59,7 +59,7 @@ def piece_flops(alit: ALITTokenizer, batch: int) -> dict:
                                   jnp.float32)
     out = {"start": _flops(alit._start, v, images), "pixels": _flops(alit._pixels, v, logits)}
     for k in range(alit.max_iters):
-        out[f"iter{k}"] = _flops(alit._iteration(k, "threshold"), v, stream(k), gt, None, None)
+        out[f"iter{k}"] = _flops(alit._iteration(k, "threshold"), v, stream(k), gt, None)
         out[f"codes{k}"] = _flops(alit._codes_only, v, stream(k))
     return {k: f / 1e9 for k, f in out.items()}
 

@@ -391,3 +391,35 @@ def test_fixed_length_encode_equals_encode_all(alit, inputs):
     out = alit.encode_all(inputs, num_iters=3, with_recon=False)
     np.testing.assert_array_equal(np.asarray(alit.encode(inputs, 24)),
                                   np.asarray(out[2]["codes"]))
+
+
+def test_bernoulli_halting_api_matches_module_and_compaction(alit, inputs):
+    """With threshold 0 the Bernoulli draws decide the masks. encode_all(rng) reproduces the
+    module's rollout(rng); encode_adaptive drops finished images from the batch and still
+    returns what the full-batch curves imply."""
+    import ml_collections
+    cfg = ml_collections.ConfigDict(alit.config.to_dict())
+    cfg.halting_threshold = 0.0
+    tok = titok_jax.ALITTokenizer(cfg, alit.params)
+    x = np.concatenate([inputs, inputs[::-1], inputs])  # 6 images
+    key = jax.random.PRNGKey(7)
+    m = tok.module
+    _, outs, masks = jax.jit(lambda p, x: m.apply({"params": p}, x, halting="bernoulli",
+                                                  rng=key, num_iters=4)[:3])(tok.params, x)
+    full = tok.encode_all(x, rng=key, num_iters=4)
+    for k in range(4):
+        assert np.asarray(masks[k]).sum() > 10  # the draws (p ~ p_gt) really mask tokens
+        np.testing.assert_array_equal(np.asarray(full[k]["halting_mask"]), np.asarray(masks[k]))
+        np.testing.assert_array_equal(np.asarray(full[k]["codes"]), np.asarray(outs[k].codes))
+    l1 = np.stack([np.asarray(o["l1"], np.float64) for o in full])  # [4, 6]
+    # A threshold that closes some images at iteration 0 and leaves others open.
+    thr = float(np.median(l1[0]))
+    ids, lengths, info = tok.encode_adaptive(x, threshold=thr, rng=key, num_iters=4,
+                                             return_info=True)
+    under = l1 < thr
+    want = np.where(under.any(0), np.argmax(under, 0), np.argmin(l1, 0))
+    np.testing.assert_array_equal(lengths, 8 * (want + 1))
+    for i in range(6):
+        np.testing.assert_array_equal(ids[i, :lengths[i]], np.asarray(full[want[i]]["codes"])[i])
+    assert np.isnan(info["l1"][1:, want == 0]).all()  # closed images left the batch
+    np.testing.assert_allclose(info["l1"][0], l1[0], atol=1e-6)

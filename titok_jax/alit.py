@@ -121,17 +121,9 @@ class ALITTokenizer:
         """Yields (k, per-iteration device outputs) for k < num_iters. With
         ``codes_only_last`` the last iteration yields only ``{"codes"}``: its decoder pass only
         serves the halting of the next iteration, so a fixed-length encode skips it."""
-        x = check_images(images, self.image_size)
-        mode, masks = self._halting(masks, rng, num_iters, x.shape[0])
-        stream, gt_ids = self._start(self._vars(), x)
+        run = _Rollout(self, images, masks, rng, num_iters)
         for k in range(num_iters):
-            if codes_only_last and k == num_iters - 1:
-                yield k, {"codes": self._codes_only(self._vars(), stream)}
-                return
-            key = None if rng is None else jax.random.fold_in(rng, k)
-            stream, out = self._iteration(k, mode)(
-                self._vars(), stream, gt_ids, key, None if masks is None else masks[k])
-            yield k, out
+            yield k, run.step(k, codes_only=codes_only_last and k == num_iters - 1)
 
     def _num_iters(self, num_iters: int | None) -> int:
         n = self.max_iters if num_iters is None else int(num_iters)
@@ -182,10 +174,14 @@ class ALITTokenizer:
         ``threshold``, else its lowest-L1 iteration (earliest on ties). ``per_image=False`` is
         the official rule: one length for the batch, from the batch-mean L1.
 
-        Iterations stop as soon as every image has its length. Returns ``(ids, lengths)``:
+        Iterations stop as soon as every image has its length, and finished images leave the
+        batch (the stream is compacted to the next power-of-two row count), so neither their
+        encoder/decoder passes nor their pixel decodes are computed again; the result does not
+        depend on the compaction (Bernoulli halting draws are made per image). Returns
+        ``(ids, lengths)``:
         int32 ``[B, max_tokens]`` padded with -1 after each image's length, and int32 ``[B]``;
-        with ``return_info`` also a dict (``l1`` per iteration run ``[iters, B]``, ``iters_run``,
-        ``recon`` of the chosen lengths ``[B, H, W, 3]``).
+        with ``return_info`` also a dict (``l1`` per iteration run ``[iters, B]``, NaN once an
+        image has left the batch; ``iters_run``; ``recon`` of the chosen lengths, unclamped).
         """
         x = check_images(images, self.image_size)
         b, n = x.shape[0], self.tokens_per_iter
@@ -195,27 +191,37 @@ class ALITTokenizer:
         best_k = np.zeros((b,), np.int64)
         recon = np.zeros(x.shape, np.float32) if return_info else None
         l1_rows = []
-        iters = self._num_iters(num_iters)
-        for k, out in self._iterate(x, masks, rng, iters):
+        run = _Rollout(self, x, masks, rng, self._num_iters(num_iters))
+        for k in range(run.num_iters):
+            out = run.step(k)
+            rows = run.rows[:run.num_real]  # the images of the batch rows, then padding
             rec = self._pixels(self._vars(), out["logits"])
-            l1 = np.asarray(jnp.mean(jnp.abs(rec - x), axis=(1, 2, 3)), np.float64)
+            l1_dev = jnp.mean(jnp.abs(rec - run.images), axis=(1, 2, 3))
+            l1 = np.full((b,), np.nan)
+            l1[rows] = np.asarray(l1_dev, np.float64)[:run.num_real]
             l1_rows.append(l1)
-            score = l1 if per_image else np.full((b,), l1.mean())
+            score = l1 if per_image else np.full((b,), np.nanmean(l1))
             # An open image takes this iteration if it is its best so far (a strictly lower L1,
             # so ties keep the earliest); the first one under the threshold closes it (it is
             # necessarily its best, or the image would have closed before).
-            open_ = chosen < 0
-            take = open_ & (score < best_l1)
-            codes = np.asarray(out["codes"])
-            ids[take, :n * (k + 1)] = codes[take]
-            ids[take, n * (k + 1):] = -1
-            if recon is not None:
-                recon[take] = np.asarray(rec)[take]
+            take = np.zeros((b,), bool)
+            take[rows] = score[rows] < best_l1[rows]
+            where = np.nonzero(take[rows])[0]  # batch rows of the images that take it
+            if len(where):
+                ids[rows[where], :n * (k + 1)] = np.asarray(out["codes"])[where]
+                ids[rows[where], n * (k + 1):] = -1
+                if recon is not None:
+                    recon[rows[where]] = np.asarray(rec)[where]
             best_k[take] = k
             best_l1[take] = score[take]
-            chosen[open_ & (score < threshold)] = k
-            if (chosen >= 0).all():
+            closing = np.zeros((b,), bool)
+            closing[rows] = score[rows] < threshold
+            chosen[closing & (chosen < 0)] = k
+            still_open = np.nonzero(chosen < 0)[0]
+            if not len(still_open):
                 break
+            if per_image:  # drop finished images from the stream (fewer rows to compute)
+                run.keep(still_open)
         chosen = np.where(chosen >= 0, chosen, best_k)
         lengths = ((chosen + 1) * n).astype(np.int32)
         if not return_info:
@@ -259,6 +265,60 @@ class ALITTokenizer:
         native.save_native(directory, self.config, jax.device_get(self.params))
 
 
+def _bucket(n: int, limit: int) -> int:
+    return min(limit, 1 << max(n - 1, 0).bit_length())
+
+
+class _Rollout:
+    """Host-side driver of the per-iteration jitted functions over a batch that may shrink.
+
+    ``rows[i]`` is the original image index of batch row i; rows past ``num_real`` repeat an
+    image to fill a power-of-two bucket (bounding the number of compiled shapes) and are
+    ignored. Halting inputs are indexed per image: injected masks by row, and Bernoulli draws
+    from per-iteration uniforms over the original batch, so results never depend on the rows.
+    """
+
+    def __init__(self, tok: ALITTokenizer, images, masks, rng, num_iters: int):
+        self.tok, self.rng, self.num_iters = tok, rng, num_iters
+        x = check_images(images, tok.image_size)
+        self.batch = x.shape[0]
+        self.mode, self.masks = tok._halting(masks, rng, num_iters, self.batch)
+        self.rows = np.arange(self.batch)
+        self.num_real = self.batch
+        self.images = x
+        self.stream, self.gt_ids = tok._start(tok._vars(), x)
+
+    def _halting_input(self, k: int):
+        if self.mode == "inject":
+            return self.masks[k][self.rows]
+        if self.mode == "bernoulli":
+            u = jax.random.uniform(jax.random.fold_in(self.rng, k),
+                                   (self.batch, self.tok.module.grid_tokens))
+            return u[self.rows]
+        return None
+
+    def step(self, k: int, codes_only: bool = False) -> dict:
+        v = self.tok._vars()
+        if codes_only:
+            return {"codes": self.tok._codes_only(v, self.stream)}
+        self.stream, out = self.tok._iteration(k, self.mode)(
+            v, self.stream, self.gt_ids, self._halting_input(k))
+        return out
+
+    def keep(self, images: np.ndarray) -> None:
+        """Keeps only these original image indices (a subset of the current ones)."""
+        size = _bucket(len(images), self.batch)
+        if size == len(self.rows):
+            return
+        position = {int(r): i for i, r in reversed(list(enumerate(self.rows[:self.num_real])))}
+        sel = np.array([position[int(i)] for i in images] + [position[int(images[0])]] *
+                       (size - len(images)))
+        self.rows = self.rows[sel]
+        self.num_real = len(images)
+        self.stream, self.gt_ids, self.images = (
+            self.stream[sel], self.gt_ids[sel], self.images[sel])
+
+
 # Module methods used through ``apply`` (kept outside the class so the module stays lean).
 
 def _start(m, images):
@@ -266,10 +326,15 @@ def _start(m, images):
     return m.start(images, z), gt_ids
 
 
-def _iteration(m, x, gt_ids, key, injected, *, k: int, halting: str, last: bool):
+def _iteration(m, x, gt_ids, injected, *, k: int, halting: str, last: bool):
+    """One iteration + halting + growth. ``injected``: bool masks (``inject``) or uniform
+    variates (``bernoulli``: draw = u < p_gt, which is ``jax.random.bernoulli``)."""
     from titok_jax.models.alit import halting_mask
     x, out = m.step(x, gt_ids)
-    mask = halting_mask(out.p_gt, halting, m.halting_threshold, key, injected)
+    if halting == "bernoulli":
+        mask = halting_mask(out.p_gt, halting, m.halting_threshold, None, injected < out.p_gt)
+    else:
+        mask = halting_mask(out.p_gt, halting, m.halting_threshold, None, injected)
     if mask is not None:
         x = m.halt(x, mask)
     if not last:
