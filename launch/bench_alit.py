@@ -64,14 +64,19 @@ def piece_flops(alit: ALITTokenizer, batch: int) -> dict:
     return {k: f / 1e9 for k, f in out.items()}
 
 
-def jax_modes(alit: ALITTokenizer, x, iters: list[int], thresholds: list[float]):
-    """(name, call, gflop or None) for every JAX mode."""
+def jax_modes(alit: ALITTokenizer, x, iters: list[int], thresholds: list[float],
+              which: set[str]):
+    """(name, call, kind) for every requested JAX mode."""
     modes = []
-    for k in iters:
+    for k in iters if "tokens" in which else []:
         modes.append((f"tokens@{k}", lambda k=k: alit.encode(x, alit.tokens_per_iter * k)
                       .block_until_ready(), ("tokens", k)))
-    modes.append(("all+pixels@8", lambda: [o["recon"].block_until_ready()
-                                           for o in alit.encode_all(x)], ("all", alit.max_iters)))
+    if "all" in which:
+        modes.append(("all+pixels@8", lambda: [o["recon"].block_until_ready()
+                                               for o in alit.encode_all(x)],
+                      ("all", alit.max_iters)))
+    if "adaptive" not in which:
+        return modes
     for thr in thresholds:
         modes.append((f"adaptive@{thr:g}",
                       lambda thr=thr: alit.encode_adaptive(x, thr, return_info=True)[2],
@@ -79,13 +84,16 @@ def jax_modes(alit: ALITTokenizer, x, iters: list[int], thresholds: list[float])
     return modes
 
 
-def mode_gflop(kind, flops: dict, alit: ALITTokenizer, iters_run: int | None = None) -> float:
+def mode_gflop(kind, flops: dict, batch: int, rows: list[int] | None = None) -> float:
+    """GFLOP of a mode from the full-batch piece costs; ``rows``: the batch rows each adaptive
+    iteration computed (the cost is linear in the rows)."""
     what, arg = kind
     if what == "tokens":
         return flops["start"] + sum(flops[f"iter{j}"] for j in range(arg - 1)) + \
             flops[f"codes{arg - 1}"]
-    k = arg if what == "all" else iters_run
-    return flops["start"] + sum(flops[f"iter{j}"] + flops["pixels"] for j in range(k))
+    rows = rows or [batch] * arg
+    return flops["start"] + sum((flops[f"iter{j}"] + flops["pixels"]) * r / batch
+                                for j, r in enumerate(rows))
 
 
 def official_modes(build, size: str, x_np: np.ndarray, iters: list[int], repeats: int):
@@ -125,8 +133,12 @@ def main() -> None:
     p.add_argument("--weights", default=None, help="optional checkpoint (else random init)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", default="1,4,8", help="token-only iteration counts to time")
-    p.add_argument("--thresholds", default="0.07", help="adaptive L1 thresholds to time")
+    p.add_argument("--thresholds", default="0.07,q0.5",
+                   help="adaptive L1 thresholds to time; qF = the F-quantile of the batch's "
+                        "first-iteration L1")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--modes", default="tokens,all,adaptive",
+                   help="which of tokens,all,adaptive to time")
     p.add_argument("--official-src", default=None)
     p.add_argument("--official-iters", default=None,
                    help="iteration counts for the official tokens mode (default: --iters)")
@@ -146,20 +158,31 @@ def main() -> None:
         params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
         alit = ALITTokenizer(cfg, params["params"])
     iters = [int(i) for i in args.iters.split(",")]
-    thresholds = [float(t) for t in args.thresholds.split(",") if t]
+    thresholds = [t.strip() for t in args.thresholds.split(",") if t.strip()]
     x_np = np.random.default_rng(0).random((args.batch, alit.image_size, alit.image_size, 3),
                                            dtype=np.float32)
     x = jnp.asarray(x_np)
     print(f"model {args.size}: {alit.max_iters} iterations x {alit.tokens_per_iter} tokens, "
           f"batch {args.batch}, {'weights ' + args.weights if args.weights else 'random init'}")
+    if any(t.startswith("q") for t in thresholds):
+        # "qF": the F-quantile of the images' first-iteration L1, so that a fraction F of the
+        # batch stops after one iteration (with random weights later iterations do not improve,
+        # so the rest runs all of them): exercises the per-image early exit and compaction.
+        first_l1 = np.asarray(alit.encode_all(x, num_iters=1)[0]["l1"])
+        thresholds = [float(np.quantile(first_l1, float(t[1:])) + 1e-6) if t.startswith("q")
+                      else float(t) for t in thresholds]
+        print(f"first-iteration L1 per image: {np.round(first_l1, 4).tolist()}")
+    thresholds = [float(t) for t in thresholds]
     t0 = time.perf_counter()
     flops = piece_flops(alit, args.batch)
     print(f"cost analysis of the pieces: {time.perf_counter() - t0:.1f} s")
 
     results = {}
-    for name, call, kind in jax_modes(alit, x, iters, thresholds):
+    which = set(args.modes.split(","))
+    for name, call, kind in jax_modes(alit, x, iters, thresholds, which):
         first = None
-        if kind[0] != "adaptive":  # adaptive runs only pieces compiled by the modes before it
+        # Adaptive calls run pieces that all+pixels compiled (a warm-up only without it).
+        if kind[0] != "adaptive" or "all" not in which:
             t0 = time.perf_counter()
             call()  # compile + warm-up
             first = time.perf_counter() - t0
@@ -170,14 +193,15 @@ def main() -> None:
             ts.append(time.perf_counter() - t0)
         med = statistics.median(ts)
         run = info["iters_run"] if kind[0] == "adaptive" else None
-        gflop = mode_gflop(kind, flops, alit, run)
+        rows = info["batch_rows"] if kind[0] == "adaptive" else None
+        gflop = mode_gflop(kind, flops, args.batch, rows)
         results[name] = dict(s_per_batch=med, images_per_s=args.batch / med, gflop=gflop,
                              gflops_per_s=gflop / med, mfu=gflop / med / peak["float32"],
-                             first_call_s=first, iterations_run=run)
+                             first_call_s=first, iterations_run=run, batch_rows=rows)
         print(f"[jax] {name:>14s}: {med:8.2f} s/batch  {args.batch / med:7.3f} img/s  "
               f"{gflop:8.1f} GFLOP  {gflop / med:6.1f} GFLOP/s  MFU {results[name]['mfu']:.1%}"
               + (f"  (first call {first:.1f} s)" if first is not None else "")
-              + (f"  ({run} iterations run)" if run else ""))
+              + (f"  ({run} iterations run, batch rows {rows})" if run else ""))
 
     official = {}
     if args.official_src and args.size not in OFFICIAL_SIZES:
@@ -186,7 +210,8 @@ def main() -> None:
         build = load_official_alit(args.official_src)
         if build is not None:
             o_iters = [int(i) for i in (args.official_iters or args.iters).split(",")]
-            official = official_modes(build, args.size, x_np, o_iters, args.repeats)
+            official = official_modes(build, args.size, x_np,
+                                      o_iters if "tokens" in which else [], args.repeats)
     if official:
         print("\nspeed-up (official s/batch / JAX s/batch):")
         for name, sec in official.items():

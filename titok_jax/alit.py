@@ -181,7 +181,8 @@ class ALITTokenizer:
         ``(ids, lengths)``:
         int32 ``[B, max_tokens]`` padded with -1 after each image's length, and int32 ``[B]``;
         with ``return_info`` also a dict (``l1`` per iteration run ``[iters, B]``, NaN once an
-        image has left the batch; ``iters_run``; ``recon`` of the chosen lengths, unclamped).
+        image has left the batch; ``iters_run``; ``batch_rows`` computed at each iteration;
+        ``recon`` of the chosen lengths, unclamped).
         """
         x = check_images(images, self.image_size)
         b, n = x.shape[0], self.tokens_per_iter
@@ -192,7 +193,9 @@ class ALITTokenizer:
         recon = np.zeros(x.shape, np.float32) if return_info else None
         l1_rows = []
         run = _Rollout(self, x, masks, rng, self._num_iters(num_iters))
+        batch_rows = []
         for k in range(run.num_iters):
+            batch_rows.append(len(run.rows))
             out = run.step(k)
             rows = run.rows[:run.num_real]  # the images of the batch rows, then padding
             rec = self._pixels(self._vars(), out["logits"])
@@ -227,7 +230,7 @@ class ALITTokenizer:
         if not return_info:
             return ids, lengths
         return ids, lengths, {"l1": np.stack(l1_rows), "iters_run": len(l1_rows),
-                              "recon": recon}
+                              "batch_rows": batch_rows, "recon": recon}
 
     # -- decoding -----------------------------------------------------------------------------
 
