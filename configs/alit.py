@@ -45,7 +45,8 @@ def get_config(arg: str | None = None):
         no_decay=[]))
 
     config.teacher = ml_collections.ConfigDict(dict(size=config.model.vqgan, weights=""))
-    config.eval_every = 0  # ALIT evaluation: titok-jax alit-eval (per-iteration metrics)
+    # Evaluation (config.evals, config.eval): the evaluators of titok-jax eval at the iteration
+    # config.eval.alit_iteration; per-iteration curves and token counts: titok-jax alit-eval.
     add_run_fields(config, runlocal=a.runlocal)
     if a.runlocal:
         config.total_steps = 300

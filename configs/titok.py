@@ -15,7 +15,7 @@ cosine to 1e-5 at 1M steps, global batch 256, clip 1.0, EMA 0.999, quantizer wei
 import ml_collections
 
 from titok_jax import variants
-from titok_jax.config_arg import parse_arg
+from titok_jax.config_arg import add_run_fields, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -30,7 +30,6 @@ def get_config(arg: str | None = None):
     config.loss = "proxy_ce" if two_stage and not config.model.finetune_decoder else "pixel_l2"
     config.seed = 42
     config.total_steps = 1_000_000
-    config.global_batch = 256
     config.quantizer_weight = 1.0
     config.kl_weight = 1e-6  # VAE models
     config.ema_decay = 0.999
@@ -43,55 +42,14 @@ def get_config(arg: str | None = None):
     # The frozen MaskGIT-VQGAN that makes stage-1 proxy codes (maskgit-vqgan-imagenet-f16-256.bin).
     config.teacher = ml_collections.ConfigDict(dict(size=config.model.vqgan, weights=""))
 
-    config.data = ml_collections.ConfigDict(dict(
-        dataset="imagenet2012", data_dir="", embedded=False, train_split="train",
-        eval_split="validation", num_threads=16))
-
-    # Mesh: one "data" axis over all devices; fsdp shards params + optimizer state over it.
-    config.mesh = ml_collections.ConfigDict(dict(fsdp=False, fsdp_min_size=2 ** 14, rules=[]))
-
-    # Periodic evaluation (titok_jax/evals) of the EMA params every eval_every steps (0: never):
-    # comma-separated evaluators from rfid, psnr, ssim, lpips, codebook, linear_probe.
-    config.evals = "rfid,psnr,ssim,lpips,codebook"
-    config.eval_every = 0
-    config.eval = ml_collections.ConfigDict(dict(
-        batch_size=64,            # global
-        inception_weights="",     # converted FID Inception (default: fetched into .cache/)
-        inception_fc="",          # pytorch-fid pt_inception-2015-12-05-*.pth: adds the IS head
-        fid_reference="",         # .npz with mu/sigma (or ADM arr_0 images): FID against it
-        is_splits=10,
-        fid_sqrt="scipy",         # scipy.linalg.sqrtm (the protocol) | eigh (faster, same value)
-        probe_train_split="train", probe_test_split="validation",
-        probe_steps=1000, probe_lr=1e-2, probe_weight_decay=1e-4))
-
-    config.log_every = 100
-    config.ckpt_every = 5_000
-    config.keep_ckpts = 3
-    config.image_every = 5_000
-    config.num_grid_images = 8
-    config.preemption_check_every = 10
-    config.progress_bar = False
-
+    add_run_fields(config, runlocal=a.runlocal)
     if a.runlocal:
         config.total_steps = 2500
-        config.global_batch = 8
         config.optimizer.lr = 1e-3
         config.optimizer.end_lr = 1e-4
         config.optimizer.warmup_steps = 50
-        config.data.embedded = True
-        config.data.num_threads = 4
-        config.log_every = 50
-        config.ckpt_every = 500
-        config.image_every = 500
-        config.num_grid_images = 6
-        config.preemption_check_every = 1
-        config.progress_bar = True
+        config.log_every, config.ckpt_every, config.image_every = 50, 500, 500
         config.evals = "psnr,ssim,lpips"
         config.eval_every = 1250
-        config.eval.batch_size = 8
-        # The embedded validation labels are meaningless: probe on a held-out part of train.
-        config.eval.probe_train_split = "train[:75%]"
-        config.eval.probe_test_split = "train[75%:]"
-        config.eval.probe_steps = 300
     config.lock()  # an override of an unknown key raises instead of adding it
     return config

@@ -423,3 +423,22 @@ def test_bernoulli_halting_api_matches_module_and_compaction(alit, inputs):
         np.testing.assert_array_equal(ids[i, :lengths[i]], np.asarray(full[want[i]]["codes"])[i])
     assert np.isnan(info["l1"][1:, want == 0]).all()  # closed images left the batch
     np.testing.assert_allclose(info["l1"][0], l1[0], atol=1e-6)
+
+
+def test_titok_jax_eval_runs_on_alit(alit, data_dir, tmp_path):
+    """The shared evaluators (sharded over the 8 test devices) at a chosen ALIT iteration."""
+    from titok_jax.cli import main
+    folder = tmp_path / "alit"
+    alit.save(folder)
+    out = tmp_path / "eval.json"
+    config = os.path.join(os.path.dirname(DATA), "..", "configs", "alit.py:runlocal")
+    assert main(["eval", "--config", config, "--checkpoint", str(folder), "--split",
+                 "validation[:4]", "--evals", "psnr,codebook,linear_probe", "--out", str(out),
+                 f"--config.data.data_dir={data_dir}", "--config.eval.alit_iteration=1",
+                 "--config.eval.probe_train_split=train[:16]",
+                 "--config.eval.probe_test_split=train[16:24]",
+                 "--config.eval.probe_steps=20"]) == 0
+    with open(out) as f:
+        results = json.load(f)["results"]
+    assert 0 < results["psnr"] < 60 and 0 < results["codebook_usage"] <= 1
+    assert 0 <= results["linear_probe_top1"] <= 1

@@ -81,8 +81,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 
 def add_run_fields(config, *, runlocal: bool) -> None:
-    """The data, mesh, logging and checkpoint fields every training config shares, with their
-    CPU ``runlocal`` values (embedded photos, global batch 8, frequent logs and checkpoints)."""
+    """The data, mesh, evaluation, logging and checkpoint fields every training config shares,
+    with their CPU ``runlocal`` values (embedded photos, global batch 8, frequent logs)."""
     import ml_collections
     config.data = ml_collections.ConfigDict(dict(
         dataset="imagenet2012", data_dir="", embedded=runlocal, train_split="train",
@@ -90,6 +90,26 @@ def add_run_fields(config, *, runlocal: bool) -> None:
     # Mesh: one "data" axis over all devices; fsdp shards params + optimizer state over it.
     config.mesh = ml_collections.ConfigDict(dict(fsdp=False, fsdp_min_size=2 ** 14, rules=[]))
     config.keep_ckpts = 3
+    # Periodic evaluation (titok_jax/evals) of the EMA params every eval_every steps (0: never):
+    # comma-separated evaluators from rfid, psnr, ssim, lpips, codebook, linear_probe.
+    config.evals = "rfid,psnr,ssim,lpips,codebook"
+    config.eval_every = 0
+    config.eval = ml_collections.ConfigDict(dict(
+        batch_size=64,            # global
+        inception_weights="",     # converted FID Inception (default: fetched into .cache/)
+        inception_fc="",          # pytorch-fid pt_inception-2015-12-05-*.pth: adds the IS head
+        fid_reference="",         # .npz with mu/sigma (or ADM arr_0 images): FID against it
+        is_splits=10,
+        fid_sqrt="scipy",         # scipy.linalg.sqrtm (the protocol) | eigh (faster, same value)
+        probe_train_split="train", probe_test_split="validation",
+        probe_steps=1000, probe_lr=1e-2, probe_weight_decay=1e-4,
+        alit_iteration=-1))       # ALIT: evaluate the tokens of this iteration (-1: the last)
+    if runlocal:
+        config.eval.batch_size = 8
+        # The embedded validation labels are meaningless: probe on a held-out part of train.
+        config.eval.probe_train_split = "train[:75%]"
+        config.eval.probe_test_split = "train[75%:]"
+        config.eval.probe_steps = 300
     if runlocal:
         config.global_batch = 8
         config.num_grid_images = 6

@@ -21,6 +21,38 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def alit_eval_model(model, model_config, iteration: int = -1):
+    """The :class:`~titok_jax.evals.runner.EvalModel` of ALIT at one iteration (``-1``: the
+    last), for ``titok-jax eval`` and periodic evaluation. Params are ``{"model": trainable,
+    "teacher": VQGAN}`` as in the trainer. Reconstructions use the soft code (clipped), ids are
+    the iteration's 1D tokens, and the linear-probe features are its latent tokens (the official
+    ``encode()`` embedding), mean-pooled. Halting is the deterministic threshold rule."""
+    from titok_jax.evals.runner import EvalModel
+    from titok_jax.train.alit import merge
+    k = iteration % model_config.max_iters
+
+    def rollout(m, images):
+        _, outs, _ = m.rollout(images, num_iters=k + 1, halting="threshold")
+        return outs[-1]
+
+    def reconstruct(params, images):
+        variables = {"params": merge(params["model"], params["teacher"])}
+        out = model.apply(variables, images, method=rollout)
+        recon = model.apply(variables, out.logits, method=model.decode_pixels)
+        result = {"recon": jnp.clip(recon, 0.0, 1.0)}
+        if out.codes is not None:
+            result["ids"] = out.codes
+        return result
+
+    def features(params, images):
+        out = model.apply({"params": merge(params["model"], params["teacher"])}, images,
+                          method=rollout)
+        return jnp.mean(out.latent_tokens, axis=1)
+
+    return EvalModel(reconstruct, features, model_config.image_size,
+                     model_config.codebook_size if model_config.quantize_latent else 0)
+
+
 def _psnr_uint8(recon: jax.Array, images: jax.Array) -> jax.Array:
     a = jnp.round(jnp.clip(recon, 0.0, 1.0) * 255.0)
     b = jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0)

@@ -57,12 +57,20 @@ def _load_params(config, checkpoint: str, mesh):
         saved, params = native.load_native(checkpoint)
         config.model = saved
     t = build_trainer(config, mesh)
+    teacher_params = t.teacher_params
+    alit = config.model.name == "alit"
+    if alit:  # ALIT files hold the VQGAN too: it replaces the trainer's frozen copy
+        from titok_jax.train import alit as alit_lib
+        abstract = alit_lib.merge(t.abstract_params, jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t.teacher_params))
+    else:
+        abstract = t.abstract_params
     if native.is_native_dir(checkpoint):
         from titok_jax.convert.layout import check_params
-        params = check_params(params, t.abstract_params, checkpoint)
+        params = check_params(params, abstract, checkpoint)
     elif os.path.isfile(checkpoint):
-        from titok_jax.convert.official import import_official, read_state_dict
-        params = import_official(read_state_dict(checkpoint), t.abstract_params, config.model)
+        from titok_jax.convert.official import import_official, read_training_checkpoint
+        params = import_official(read_training_checkpoint(checkpoint), abstract, config.model)
     else:
         directory = os.path.join(checkpoint, "checkpoints")
         directory = directory if os.path.isdir(directory) else checkpoint
@@ -77,8 +85,11 @@ def _load_params(config, checkpoint: str, mesh):
             raise FileNotFoundError(f"no titok-jax folder, weights file or Orbax checkpoint at "
                                     f"{checkpoint}")
         params = restored[0].ema_params
+    if alit and (native.is_native_dir(checkpoint) or os.path.isfile(checkpoint)):
+        params, teacher_params = alit_lib.split_frozen(params)
+        teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
     params = jax.device_put(params, sharding.replicated(mesh))
-    return t.model, t.teacher, {"model": params, "teacher": t.teacher_params}
+    return t.model, t.teacher, {"model": params, "teacher": teacher_params}
 
 
 def cmd_eval(args, overrides: list[str]) -> int:

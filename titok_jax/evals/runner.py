@@ -178,9 +178,15 @@ def write_results(results: dict[str, float], path: str, meta: dict | None = None
 def from_config(config: ml_collections.ConfigDict, model, teacher, data_dir: str,
                 mesh: jax.sharding.Mesh, *, evals: str | Sequence[str] | None = None,
                 split: str | None = None, progress: bool = False) -> Evaluation:
-    """The :class:`Evaluation` of a TiTok training config (``config.evals``, ``config.eval``,
-    ``config.data``) for the trainer's model; params are ``{"model": ..., "teacher": ...}``."""
+    """The :class:`Evaluation` of a training config (``config.evals``, ``config.eval``,
+    ``config.data``) for the trainer's model; params are ``{"model": ..., "teacher": ...}``
+    (ALIT: the trainable params and the frozen VQGAN)."""
     data = DataSpec(config.data.dataset, data_dir, split or config.data.eval_split,
                     config.eval.batch_size, config.data.num_threads)
-    return Evaluation(titok_eval_model(model, config.model, teacher),
-                      config.evals if evals is None else evals, config.eval, data, mesh, progress)
+    if config.model.name == "alit":
+        from titok_jax.evals.alit import alit_eval_model
+        eval_model = alit_eval_model(model, config.model, config.eval.alit_iteration)
+    else:
+        eval_model = titok_eval_model(model, config.model, teacher)
+    return Evaluation(eval_model, config.evals if evals is None else evals, config.eval, data,
+                      mesh, progress)

@@ -271,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     recon_fn = reconstruct_for_grid(model, teacher, config)
     evaluation = None
-    if config.eval_every and not _is_alit(config):
+    if config.eval_every:
         from titok_jax.evals import runner as eval_lib
         evaluation = eval_lib.from_config(config, model, teacher, data_dir, t.mesh)
     grid_images = data_lib.first_eval_images(config.data, data_dir, config.num_grid_images,
