@@ -1,4 +1,5 @@
-"""The MaskGIT-VQGAN (proxy-code teacher / pixel decoder): ``configs/maskgit_vqgan.py:size=maskgit``.
+"""The MaskGIT-VQGAN (proxy-code teacher / pixel decoder):
+``configs/maskgit_vqgan.py:size=maskgit``.
 
 Arguments:
   size: maskgit (the released ImageNet f16 model) | tiny (CPU-sized, for tests).

@@ -38,7 +38,6 @@ from titok_jax import variants
 from titok_jax.alit import ALITTokenizer, load_alit
 from titok_jax.bench import compiled_flops, load_official_alit, peak_gflops, print_header, timings
 
-
 OFFICIAL_SIZES = ("alit_tiny", "alit_small", "alit_base", "alit_semilarge")
 
 
@@ -110,7 +109,8 @@ def official_modes(build, size: str, x_np: np.ndarray, iters: list[int], repeats
             ts = timings(call, 0, repeats)
         results[name] = statistics.median(ts)
         print(f"[official] {name:>14s}: {results[name]:8.2f} s/batch  "
-              f"{x.shape[0] / results[name]:7.3f} img/s  (runs {', '.join(f'{t:.1f}' for t in ts)})")
+              f"{x.shape[0] / results[name]:7.3f} img/s  "
+              f"(runs {', '.join(f'{t:.1f}' for t in ts)})")
 
     for k in iters:
         def tokens(k=k):

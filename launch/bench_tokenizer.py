@@ -30,8 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.bench import (OFFICIAL_VIT_SIZES, compiled_flops, load_official_titok,
-                             median_seconds, official_config, peak_gflops, print_header)
+from titok_jax.bench import (
+    OFFICIAL_VIT_SIZES,
+    compiled_flops,
+    load_official_titok,
+    median_seconds,
+    official_config,
+    peak_gflops,
+    print_header,
+)
 from titok_jax.variants import TITOK_VARIANTS, build_model, titok_model_config
 
 OPS = ("encode", "decode", "encode_decode")

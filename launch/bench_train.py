@@ -23,8 +23,15 @@ import jax
 import numpy as np
 
 from titok_jax import sharding
-from titok_jax.bench import (OFFICIAL_VIT_SIZES, compiled_flops, load_official_titok, median_seconds, official_config,
-                             peak_gflops, print_header)
+from titok_jax.bench import (
+    OFFICIAL_VIT_SIZES,
+    compiled_flops,
+    load_official_titok,
+    median_seconds,
+    official_config,
+    peak_gflops,
+    print_header,
+)
 from titok_jax.config_arg import load_config
 from titok_jax.train import titok as trainer_lib
 from titok_jax.variants import TITOK_VARIANTS
@@ -117,7 +124,8 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         row = TITOK_VARIANTS[variant]
-        official_arch = row["encoder"] in OFFICIAL_VIT_SIZES and row["decoder"] in OFFICIAL_VIT_SIZES
+        official_arch = (row["encoder"] in OFFICIAL_VIT_SIZES
+                         and row["decoder"] in OFFICIAL_VIT_SIZES)
         official = (official_step(titok_cls, variant, args.batch, args.warmup, args.iters)
                     if titok_cls and official_arch else None)
         if official:

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import DATA
 
 import titok_jax
@@ -304,8 +303,9 @@ def _alit_runlocal(data_dir, *overrides):
 
 
 def test_alit_stage1_training_learns_resumes_and_exports(data_dir, tmp_path, monkeypatch):
-    from titok_jax.train import titok as trainer_lib
     from test_train import scalars
+
+    from titok_jax.train import titok as trainer_lib
 
     common = ("log_every=5", "ckpt_every=10", "image_every=20", "optimizer.warmup_steps=5")
     full = trainer_lib.train_and_evaluate(
@@ -319,6 +319,7 @@ def test_alit_stage1_training_learns_resumes_and_exports(data_dir, tmp_path, mon
     # SIGTERM (preemption) after step 7, then a resume: the same final weights as the
     # uninterrupted run.
     import signal
+
     from titok_jax.train import checkpoint as ckpt_lib
     original, calls = ckpt_lib.PreemptionFlag.should_stop, []
 

@@ -98,7 +98,8 @@ def test_maskgit_vqgan_size():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [v for v in variants.TITOK_VARIANTS if not v.startswith("tiny")])
+@pytest.mark.parametrize("variant",
+                         [v for v in variants.TITOK_VARIANTS if not v.startswith("tiny")])
 def test_full_size_converter_roundtrip(variant):
     """Random-init official-layout state dict of the right shapes -> import -> export equals."""
     from titok_jax.convert.layout import export_state_dict, import_state_dict

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from titok_jax.data import embedded
 from titok_jax.data.images import BadImageError

@@ -84,7 +84,8 @@ def test_titok_legacy_two_stage(fixture, inputs):
     """The released-model path: legacy reshape, l2 VQ, proxy logits -> soft VQGAN lookup ->
     VQGAN decoder. Weights: the stage-1 file + the VQGAN merged in as pixel_* (stage-2 init)."""
     fx = fixture("titok_legacy_vq_tiny")
-    tok = titok_jax.load_tokenizer("", os.path.join(DATA, "titok_stage1_tiny", "weights.safetensors"),
+    tok = titok_jax.load_tokenizer("",
+                                   os.path.join(DATA, "titok_stage1_tiny", "weights.safetensors"),
                                    model_config=fixture_model_config(fx), vqgan_path=VQGAN_WEIGHTS)
     _check_vq_encode(tok, fx, inputs)
     m, v = tok.module, {"params": tok.params}

@@ -123,8 +123,9 @@ def official_config(variant: str) -> Any:
 
 
 def load_official_alit(src: str) -> Callable[..., Any] | None:
-    """A factory ``size -> official AdaptiveLengthImageTokenizer`` (random init, VQGAN base, CPU) from a checkout of ShivamDuggal4/adaptive-length-tokenizer, or None
-    with the reason printed.
+    """A factory ``size -> official AdaptiveLengthImageTokenizer`` (random init, VQGAN base,
+    CPU) from a checkout of ShivamDuggal4/adaptive-length-tokenizer, or None with the reason
+    printed.
 
     Training-only imports are stubbed (``pytorch_lightning``, ``utils.misc`` which imports
     torchvision), and ``Tensor.get_device`` answers ``"cpu"`` for CPU tensors: the official

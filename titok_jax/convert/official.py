@@ -12,8 +12,14 @@ from typing import Mapping
 
 import numpy as np
 
-from titok_jax.convert.layout import (CONV1X1_AS_DENSE, IDENTITY, LINEAR, NameMap,
-                                      export_state_dict, import_state_dict)
+from titok_jax.convert.layout import (
+    CONV1X1_AS_DENSE,
+    IDENTITY,
+    LINEAR,
+    NameMap,
+    export_state_dict,
+    import_state_dict,
+)
 
 _VQGAN_LISTS = ("down", "up", "block", "mid")
 

@@ -9,7 +9,7 @@ runs its own passes.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,9 @@ import numpy as np
 
 from titok_jax.evals import fid as fid_lib
 from titok_jax.evals import metrics
+
+if TYPE_CHECKING:
+    from titok_jax.evals.runner import DataSpec
 
 log = logging.getLogger(__name__)
 

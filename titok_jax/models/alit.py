@@ -126,7 +126,8 @@ class ALIT(nn.Module):
     def setup(self):
         grid = self.image_size // self.patch_size
         if grid * self.vqgan_arch.downsample_factor != self.image_size:
-            raise ValueError(f"the VQGAN grid ({self.image_size}/{self.vqgan_arch.downsample_factor}"
+            raise ValueError(f"the VQGAN grid ({self.image_size}/"
+                             f"{self.vqgan_arch.downsample_factor}"
                              f") must equal the patch grid ({self.image_size}/{self.patch_size})")
         if self.encoder_arch.width <= self.vqgan_arch.z_channels:
             raise ValueError(f"encoder width {self.encoder_arch.width} must exceed the VQGAN's "
@@ -189,7 +190,8 @@ class ALIT(nn.Module):
         return self.encoder_ln_pre(x)
 
     def _fresh_latents(self, batch: int, k: int) -> jax.Array:
-        lat = self.latent_tokens + self.latent_token_positional_embedding + self.timestep_embedding[k]
+        lat = (self.latent_tokens + self.latent_token_positional_embedding
+               + self.timestep_embedding[k])
         return jnp.broadcast_to(lat, (batch,) + lat.shape)
 
     def decoder_queries(self, batch: int) -> jax.Array:

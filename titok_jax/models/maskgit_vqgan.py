@@ -100,7 +100,8 @@ class VQGANEncoder(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         a = self.arch
-        x = _conv(a.hidden_channels, 3, "conv_in", self.dtype, bias=False)(images.astype(self.dtype))
+        x = _conv(a.hidden_channels, 3, "conv_in", self.dtype, bias=False)(
+            images.astype(self.dtype))
         last = len(a.channel_mult) - 1
         for i, mult in enumerate(a.channel_mult):
             x = _Level(a.hidden_channels * mult, a.num_res_blocks, dtype=self.dtype,

@@ -50,7 +50,8 @@ class PatchEmbed(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.width,), jnp.float32)
         x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
-        return x @ kernel.reshape(p * p * c, self.width).astype(self.dtype) + bias.astype(self.dtype)
+        kernel = kernel.reshape(p * p * c, self.width).astype(self.dtype)
+        return x @ kernel + bias.astype(self.dtype)
 
 
 class TiTokEncoder(nn.Module):
@@ -89,7 +90,9 @@ class TiTokEncoder(nn.Module):
         x = layer_norm("ln_post", self.dtype)(x[:, 1 + grid * grid:])
         if self.is_legacy:
             x = x.reshape(b, w, n).swapaxes(1, 2)
-        return nn.Dense(self.out_channels, dtype=self.dtype, kernel_init=DENSE_INIT, name="conv_out")(x).astype(jnp.float32)
+        conv_out = nn.Dense(self.out_channels, dtype=self.dtype, kernel_init=DENSE_INIT,
+                            name="conv_out")
+        return conv_out(x).astype(jnp.float32)
 
 
 class TiTokDecoder(nn.Module):
@@ -131,8 +134,9 @@ class TiTokDecoder(nn.Module):
         x = x.reshape(b, grid, grid, w)
         if self.is_legacy:
             x = jnp.tanh(nn.Dense(2 * w, dtype=self.dtype, kernel_init=DENSE_INIT, name="ffn_0")(x))
-            return nn.Dense(self.proxy_codebook_size, dtype=self.dtype, kernel_init=DENSE_INIT, name="ffn_2")(x).astype(
-                jnp.float32)
+            ffn_2 = nn.Dense(self.proxy_codebook_size, dtype=self.dtype, kernel_init=DENSE_INIT,
+                             name="ffn_2")
+            return ffn_2(x).astype(jnp.float32)
         x = nn.Dense(p * p * 3, dtype=self.dtype, kernel_init=DENSE_INIT, name="ffn_0")(x)
         x = x.reshape(b, grid, grid, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, grid * p, grid * p, 3)
@@ -185,7 +189,8 @@ class TiTok(nn.Module):
                                         (self.num_latent_tokens, self.encoder_arch.width),
                                         self.encoder_arch.width)
         self.encoder = TiTokEncoder(
-            self.encoder_arch, self.num_latent_tokens, 2 * self.token_size if vae else self.token_size,
+            self.encoder_arch, self.num_latent_tokens,
+            2 * self.token_size if vae else self.token_size,
             self.is_legacy, self.patch_size, self.image_size, self.dtype, self.remat)
         self.decoder = TiTokDecoder(
             self.decoder_arch, self.num_latent_tokens, self.is_legacy,

@@ -30,7 +30,8 @@ class TrainState:
 
 
 def learning_rate_schedule(opt_cfg) -> optax.Schedule:
-    """Linear warm-up 0 -> lr over ``warmup_steps``, then cosine to ``end_lr`` at ``total_steps``."""
+    """Linear warm-up 0 -> lr over ``warmup_steps``, then cosine to ``end_lr`` at
+    ``total_steps``."""
     warmup = optax.linear_schedule(0.0, opt_cfg.lr, max(int(opt_cfg.warmup_steps), 1))
     decay_steps = max(int(opt_cfg.total_steps) - int(opt_cfg.warmup_steps), 1)
     cosine = optax.cosine_decay_schedule(opt_cfg.lr, decay_steps, alpha=opt_cfg.end_lr / opt_cfg.lr)

@@ -27,8 +27,12 @@ import ml_collections
 import numpy as np
 
 from titok_jax import sharding, variants
-from titok_jax.convert.official import (import_official, name_map_for, read_state_dict,
-                                       read_training_checkpoint)
+from titok_jax.convert.official import (
+    import_official,
+    name_map_for,
+    read_state_dict,
+    read_training_checkpoint,
+)
 from titok_jax.data import pipeline as data_lib
 from titok_jax.losses import stage1_loss
 from titok_jax.train import checkpoint as ckpt_lib
