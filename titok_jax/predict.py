@@ -1,0 +1,206 @@
+"""Tokenizers as pure prediction functions, built from a config: the model, its frozen parts and
+``reconstruct`` / ``features`` functions of the params.
+
+Shared by the training tasks (image grids, periodic evaluation) and by evaluation outside
+training (``titok-jax eval``), so neither needs the other.
+
+Params of a :class:`Predictor` are ``{"model": trainable params, "frozen": frozen params}``:
+
+* TiTok with a proxy-code head (stage 1): ``frozen = {"teacher": MaskGIT-VQGAN params}``; the
+  argmax proxy codes are decoded by the VQGAN, as in the official stage-1 evaluation.
+* ALIT: ``frozen = {"base_tokenizer": VQGAN params}`` (the VQGAN lives inside the ALIT tree;
+  stage 1 keeps it frozen).
+* Every other TiTok (two-stage releases with their pixel decoder, VQ-8k, VAE): ``frozen = {}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from titok_jax import variants
+
+log = logging.getLogger(__name__)
+
+ALIT_FROZEN = "base_tokenizer"
+
+
+@dataclasses.dataclass
+class Predictor:
+    """What image grids and evaluators need from a tokenizer, as pure functions of its params.
+
+    ``reconstruct(params, images)`` -> ``{"recon": [B, H, W, 3] in [0, 1], "ids": int [B, N]}``
+    (``ids`` only for discrete tokenizers); ``features(params, images)`` -> ``[B, D]``, the
+    mean-pooled pre-quantization latents (linear probe).
+    """
+
+    reconstruct: Callable[[Any, jax.Array], dict[str, jax.Array]]
+    features: Callable[[Any, jax.Array], jax.Array]
+    image_size: int
+    codebook_size: int  # 0 for continuous (VAE) tokenizers
+
+
+def abstract_params(module, image_size: int) -> Any:
+    """Parameter shapes of a module (no FLOPs, no memory)."""
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+                          )["params"]
+
+
+def needs_teacher(model_config: ml_collections.ConfigDict) -> bool:
+    """Whether the tokenizer depends on a frozen VQGAN it does not train: stage-1 TiTok (proxy
+    codes) and ALIT."""
+    if model_config.name == "alit":
+        return True
+    return model_config.name == "titok" and bool(model_config.is_legacy) and not bool(
+        model_config.finetune_decoder)
+
+
+def split_frozen(model_config, params: dict) -> tuple[dict, dict]:
+    """A full parameter tree (what a titok-jax folder or official file holds) -> (trainable,
+    frozen parts it contains). Only ALIT files carry a frozen part (its VQGAN)."""
+    if model_config.name == "alit":
+        params = dict(params)
+        return params, {ALIT_FROZEN: params.pop(ALIT_FROZEN)}
+    return params, {}
+
+
+def merge_frozen(model_config, params: dict, frozen: dict) -> dict:
+    """Inverse of :func:`split_frozen`: the tree the model's ``apply`` takes."""
+    if model_config.name == "alit":
+        return {**params, ALIT_FROZEN: frozen[ALIT_FROZEN]}
+    return params
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The VQGAN model config of ``config.teacher`` (TiTok stage 1's proxy-code teacher)."""
+    return variants.vqgan_model_config(config.teacher.size)
+
+
+def load_frozen(config: ml_collections.ConfigDict) -> dict:
+    """The frozen parts a training/eval config needs, loaded from ``config.teacher.weights``.
+
+    Without weights this is an error, unless ``config.teacher.allow_random`` (runlocal configs
+    and tests): then a random VQGAN drawn from ``config.seed + 1`` (the same every time, so a
+    workdir evaluated later sees the teacher it was trained with).
+    """
+    model_cfg = config.model
+    if not needs_teacher(model_cfg):
+        return {}
+    weights = config.teacher.get("weights", "")
+    if not weights and not config.teacher.get("allow_random", False):
+        what = ("ALIT's frozen VQGAN (base tokenizer)" if model_cfg.name == "alit"
+                else "the stage-1 proxy-code teacher (MaskGIT-VQGAN)")
+        raise ValueError(
+            f"config.teacher.weights is empty: {what} needs pretrained weights, e.g. "
+            "--config.teacher.weights=maskgit-vqgan-imagenet-f16-256.bin. A random teacher "
+            "only makes sense for tests: set --config.teacher.allow_random=True to use one")
+    if model_cfg.name == "alit":
+        return {ALIT_FROZEN: _alit_vqgan(config, weights)}
+    teacher_cfg = teacher_config(config)
+    teacher = variants.build_model(teacher_cfg)
+    if weights:
+        from titok_jax.convert.official import import_official, read_state_dict
+        params = import_official(read_state_dict(weights), abstract_params(teacher, 256),
+                                 teacher_cfg)
+    else:
+        log.warning("using a RANDOM MaskGIT-VQGAN teacher (config.teacher.allow_random)")
+        params = jax.jit(teacher.init)(jax.random.PRNGKey(config.seed + 1),
+                                       jnp.zeros((1, 256, 256, 3)))["params"]
+    return {"teacher": params}
+
+
+def _alit_vqgan(config, weights: str) -> dict:
+    """ALIT's ``base_tokenizer`` subtree: from an ALIT checkpoint (its
+    ``base_tokenizer.vqgan.*``), a taming-layout VQGAN state dict, or the MaskGIT-VQGAN release
+    (same architecture); random (seeded) without weights."""
+    from titok_jax.convert import official
+    from titok_jax.convert.layout import import_state_dict
+    model = variants.build_model(config.model)
+    size = config.model.image_size
+    if not weights:
+        log.warning("using a RANDOM VQGAN as ALIT's base tokenizer (config.teacher.allow_random)")
+        params = jax.jit(model.init)(jax.random.PRNGKey(config.seed + 1),
+                                     jnp.zeros((1, size, size, 3)))["params"]
+        return params[ALIT_FROZEN]
+    sub = abstract_params(model, size)[ALIT_FROZEN]
+    state = official.read_training_checkpoint(weights)
+    prefix = "base_tokenizer.vqgan."
+    if any(k.startswith(prefix) for k in state):
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}
+    elif any(".mid.block_" in k for k in state):
+        state = {prefix + k: v for k, v in state.items()}
+    else:  # MaskGIT-VQGAN release layout
+        return {"vqgan": import_state_dict(state, sub["vqgan"], official.VQGAN_MAP)}
+    return import_state_dict(state, {ALIT_FROZEN: sub}, official.ALIT_MAP)[ALIT_FROZEN]
+
+
+def predictor(config: ml_collections.ConfigDict, model=None) -> Predictor:
+    """The :class:`Predictor` of ``config.model`` (ALIT: at ``config.eval.alit_iteration``)."""
+    model_cfg = config.model
+    model = model if model is not None else variants.build_model(model_cfg)
+    if model_cfg.name == "alit":
+        iteration = config.eval.get("alit_iteration", -1) if "eval" in config else -1
+        return alit_predictor(model, model_cfg, iteration)
+    teacher = variants.build_model(teacher_config(config)) if needs_teacher(model_cfg) else None
+    return titok_predictor(model, model_cfg, teacher)
+
+
+def titok_predictor(model, model_config, teacher=None) -> Predictor:
+    """A TiTok's :class:`Predictor`; a proxy-code model is decoded by ``teacher``."""
+    vae = model_config.quantize_mode == "vae"
+
+    def reconstruct(params, images):
+        out = model.apply({"params": params["model"]}, images)
+        if model.outputs_proxy_codes:
+            codes = jnp.argmax(out.decoded, -1).reshape(images.shape[0], -1)
+            recon = teacher.apply({"params": params["frozen"]["teacher"]}, codes,
+                                  method=teacher.decode)
+        else:
+            recon = out.decoded
+        result = {"recon": jnp.clip(recon, 0.0, 1.0)}
+        if not vae:
+            result["ids"] = out.ids
+        return result
+
+    def features(params, images):
+        z = model.apply({"params": params["model"]}, images, method=model.encoder_out)
+        if vae:  # the posterior-mean half of the moments
+            z = z[..., :model_config.token_size]
+        return jnp.mean(z, axis=1)
+
+    return Predictor(reconstruct, features, model_config.image_size,
+                     0 if vae else model_config.codebook_size)
+
+
+def alit_predictor(model, model_config, iteration: int = -1) -> Predictor:
+    """ALIT at one iteration (``-1``: the last). Reconstructions use the soft code (clipped),
+    ids are the iteration's 1D tokens, features its latent tokens (the official ``encode()``
+    embedding), mean-pooled. Halting is the deterministic threshold rule."""
+    k = iteration % model_config.max_iters
+
+    def rollout(m, images):
+        _, outs, _ = m.rollout(images, num_iters=k + 1, halting="threshold")
+        return outs[-1]
+
+    def variables(params):
+        return {"params": merge_frozen(model_config, params["model"], params["frozen"])}
+
+    def reconstruct(params, images):
+        out = model.apply(variables(params), images, method=rollout)
+        recon = model.apply(variables(params), out.logits, method=model.decode_pixels)
+        result = {"recon": jnp.clip(recon, 0.0, 1.0)}
+        if out.codes is not None:
+            result["ids"] = out.codes
+        return result
+
+    def features(params, images):
+        return jnp.mean(model.apply(variables(params), images, method=rollout).latent_tokens,
+                        axis=1)
+
+    return Predictor(reconstruct, features, model_config.image_size,
+                     model_config.codebook_size if model_config.quantize_latent else 0)
