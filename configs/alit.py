@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
                          "(full fine-tuning with L1 + LPIPS + PatchGAN) is not yet")
     config = ml_collections.ConfigDict()
     config.model = variants.alit_model_config("alit_runlocal" if a.runlocal else a.variant)
-    config.loss = "alit_stage1"
+    config.task = "alit_stage1"
     config.seed = 42
     config.total_steps = 1_000_000
     config.quantizer_weight = 1.0
@@ -44,7 +44,9 @@ def get_config(arg: str | None = None):
         warmup_steps=100_000, total_steps=config.get_ref("total_steps"), grad_clip=3.0,
         no_decay=[]))
 
-    config.teacher = ml_collections.ConfigDict(dict(size=config.model.vqgan, weights=""))
+    # The frozen VQGAN; without weights an error unless allow_random (runlocal, tests).
+    config.teacher = ml_collections.ConfigDict(dict(size=config.model.vqgan, weights="",
+                                                    allow_random=a.runlocal))
     # Evaluation (config.evals, config.eval): the evaluators of titok-jax eval at the iteration
     # config.eval.alit_iteration; per-iteration curves and token counts: titok-jax alit-eval.
     add_run_fields(config, runlocal=a.runlocal)

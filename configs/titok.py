@@ -27,7 +27,9 @@ def get_config(arg: str | None = None):
     else:
         config.model = variants.titok_model_config(a.variant, stage=a.stage or None)
     two_stage = config.model.is_legacy
-    config.loss = "proxy_ce" if two_stage and not config.model.finetune_decoder else "pixel_l2"
+    # titok_stage1: proxy codes of the frozen teacher; titok_pixel: single-stage pixel terms.
+    config.task = ("titok_stage1" if two_stage and not config.model.finetune_decoder
+                   else "titok_pixel")
     config.seed = 42
     config.total_steps = 1_000_000
     config.quantizer_weight = 1.0
@@ -40,7 +42,10 @@ def get_config(arg: str | None = None):
         total_steps=config.get_ref("total_steps"), grad_clip=1.0))
 
     # The frozen MaskGIT-VQGAN that makes stage-1 proxy codes (maskgit-vqgan-imagenet-f16-256.bin).
-    config.teacher = ml_collections.ConfigDict(dict(size=config.model.vqgan, weights=""))
+    # Training or evaluating a stage-1 model without teacher weights is an error, unless
+    # allow_random (runlocal configs and tests): then a random VQGAN drawn from seed + 1.
+    config.teacher = ml_collections.ConfigDict(dict(size=config.model.vqgan, weights="",
+                                                    allow_random=a.runlocal))
 
     add_run_fields(config, runlocal=a.runlocal)
     if a.runlocal:

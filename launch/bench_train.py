@@ -2,7 +2,7 @@
 
 One step = the frozen MaskGIT-VQGAN encodes the batch to proxy codes, TiTok forward, cross-entropy
 + quantizer loss, backward, clip, AdamW, EMA — the jitted, donated step of
-``titok_jax/train/titok.py`` on a ``data`` mesh over all devices. FLOPs come from XLA's cost
+``titok_jax/train/loop.py`` (task ``titok_stage1``) on a ``data`` mesh over all devices. FLOPs come from XLA's cost
 analysis of the compiled step; MFU is achieved / peak (see ``titok_jax/bench.py``).
 
 Baseline in the same run: with ``--official-src`` (a checkout of bytedance/1d-tokenizer) the
@@ -33,7 +33,7 @@ from titok_jax.bench import (
     print_header,
 )
 from titok_jax.config_arg import load_config
-from titok_jax.train import titok as trainer_lib
+from titok_jax.train import loop
 from titok_jax.variants import TITOK_VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,19 +45,19 @@ def jax_step(variant: str, dtype: str, batch: int, warmup: int, iters: int,
     config.global_batch = batch
     config.model.dtype = dtype
     config.model.remat = remat
-    t = trainer_lib.build_trainer(config, sharding.make_mesh())
+    config.teacher.allow_random = True  # random weights time the same as the release
+    t = loop.build_trainer(config, sharding.make_mesh())
     state = t.init_state(jax.random.PRNGKey(0))
     images = jax.device_put(np.random.default_rng(0).random((batch, 256, 256, 3), np.float32),
                             t.batch_sharding)
     key = jax.random.PRNGKey(0)
     start = time.perf_counter()
-    compiled = t.train_step.lower(state, {"image": images}, t.teacher_params, key).compile()
+    compiled = t.steps["train"].lower(state, {"image": images}, t.frozen, key).compile()
     compile_s = time.perf_counter() - start
     holder = {"state": state}
 
     def call():
-        holder["state"], metrics = compiled(holder["state"], {"image": images}, t.teacher_params,
-                                            key)
+        holder["state"], metrics = compiled(holder["state"], {"image": images}, t.frozen, key)
         jax.block_until_ready(metrics)
     seconds = median_seconds(call, warmup, iters)
     return {"compile_s": compile_s, "s_per_step": seconds, "flops": compiled_flops(compiled)}

@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DATA
 
 import titok_jax
 from titok_jax import variants
 from titok_jax.convert import official
 from titok_jax.convert.layout import CheckpointMismatchError
 from titok_jax.models.alit import stage1_loss
+
+from helpers import DATA
 
 FIX = os.path.join(DATA, "alit_tiny_fixture")
 WEIGHTS = os.path.join(FIX, "weights.safetensors")
@@ -105,6 +106,26 @@ def test_recorded_bernoulli_draws_replay_the_official_eval(alit, inputs, evalref
         assert err <= _tol(manifest, "ref_eval.npz", f"it{k}_p_gt")
     err = np.abs(np.asarray(outs[7].logits) - evalref["it7_logits"]).max()
     assert err <= _tol(manifest, "ref_eval.npz", "it7_logits")
+
+
+def test_recorded_draws_and_threshold_both_decide_the_mask(alit, inputs, evalref):
+    """In the official eval no p_gt reaches 0.55, so that replay cannot tell the halting modes
+    apart. At a threshold inside the range of iteration 0's p_gt (which no earlier mask can
+    change), the Bernoulli mode must mask exactly draws & (p_gt >= threshold): neither the
+    draws alone nor the threshold rule alone."""
+    m = alit.module
+    draws = np.stack([evalref[f"it{k}_bernoulli_raw"] for k in range(8)]) > 0
+    p0 = evalref["it0_p_gt"]
+    thr = float(np.median(p0[draws[0]]))
+    want = draws[0] & (p0 >= thr)
+    assert want.any() and (want != draws[0]).any() and (want != (p0 >= thr)).any()
+    run = jax.jit(lambda p, x, d, mode: m.apply({"params": p}, x, halting=mode, masks=d,
+                                                threshold=thr, num_iters=1)[2],
+                  static_argnums=3)
+    np.testing.assert_array_equal(np.asarray(run(alit.params, inputs, draws, "bernoulli")[0]),
+                                  want)
+    np.testing.assert_array_equal(np.asarray(run(alit.params, inputs, None, "threshold")[0]),
+                                  p0 >= thr)
 
 
 def test_bernoulli_halting_is_seeded(alit, inputs):
@@ -292,61 +313,29 @@ def test_cli_tokenize_adaptive_and_reconstruct(tmp_path, inputs):
     assert main(["tokenize", *common, "--tokens", "12", "--out", str(tmp_path / "x.npz")]) == 2
 
 
-def _alit_runlocal(data_dir, *overrides):
-    from titok_jax.config_arg import apply_overrides, load_config
-    config = load_config(os.path.join(os.path.dirname(DATA), "..", "configs",
-                                      "alit.py:runlocal=True"))
-    # 2 of the 8 iterations keep compile time down; the loop is the same.
-    apply_overrides(config, [f"data.data_dir={data_dir}", "progress_bar=False",
-                             "model.max_iters=2", "num_grid_images=2", *overrides])
-    return config
+def test_alit_stage1_training_learns_and_exports(data_dir, tmp_path):
+    """ALIT stage 1 through the shared loop (its resume, sharding and halting guarantees are
+    tested with the loop in test_train.py)."""
+    from titok_jax.train import loop
 
-
-def test_alit_stage1_training_learns_resumes_and_exports(data_dir, tmp_path, monkeypatch):
-    from test_train import scalars
-
-    from titok_jax.train import titok as trainer_lib
-
-    common = ("log_every=5", "ckpt_every=10", "image_every=20", "optimizer.warmup_steps=5")
-    full = trainer_lib.train_and_evaluate(
-        _alit_runlocal(data_dir, "total_steps=20", *common), str(tmp_path / "full"))
-    loss = scalars(str(tmp_path / "full"), "loss")
+    from helpers import runlocal, scalars
+    config = runlocal(data_dir, "model.max_iters=2", "num_grid_images=2", "total_steps=20",
+                      "log_every=5", "ckpt_every=10", "image_every=20",
+                      "optimizer.warmup_steps=5", arg="alit.py:runlocal")
+    loop.train_and_evaluate(config, str(tmp_path))
+    loss = scalars(str(tmp_path), "loss")
     # It starts at about (2.5 + 2) ln 64 = 18.7 (uniform logits over the 64 VQGAN codes).
     assert loss[20] < 0.95 * loss[5], loss
     for tag in ("nll_0", "nll_1", "accuracy_1", "code_loss_1", "quantizer_loss_0",
                 "codebook_usage_last_iter", "grad_norm"):
-        assert sorted(scalars(str(tmp_path / "full"), tag)) == [5, 10, 15, 20], tag
-    # SIGTERM (preemption) after step 7, then a resume: the same final weights as the
-    # uninterrupted run.
-    import signal
-
-    from titok_jax.train import checkpoint as ckpt_lib
-    original, calls = ckpt_lib.PreemptionFlag.should_stop, []
-
-    def should_stop(self):
-        calls.append(1)
-        if len(calls) == 7:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self)
-    split = str(tmp_path / "split")
-    monkeypatch.setattr(ckpt_lib.PreemptionFlag, "should_stop", should_stop)
-    stopped = trainer_lib.train_and_evaluate(
-        _alit_runlocal(data_dir, "total_steps=20", *common), split)
-    assert int(stopped.step) == 7
-    monkeypatch.setattr(ckpt_lib.PreemptionFlag, "should_stop", original)
-    resumed = trainer_lib.train_and_evaluate(
-        _alit_runlocal(data_dir, "total_steps=20", *common), split)
-    assert int(resumed.step) == 20
-    for a, b in zip(jax.tree_util.tree_leaves(full.params),
-                    jax.tree_util.tree_leaves(resumed.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert sorted(scalars(str(tmp_path), tag)) == [5, 10, 15, 20], tag
     # The export is a complete ALIT (frozen VQGAN included) that the API loads.
-    alit = titok_jax.load_alit("ignored", tmp_path / "full" / "export")
+    alit = titok_jax.load_alit("ignored", tmp_path / "export")
     assert alit.max_iters == 2
     images = np.random.default_rng(0).random((2, 64, 64, 3), np.float32)
     ids, lengths = alit.encode_adaptive(images, threshold=0.5)
     assert ids.shape == (2, 8) and set(lengths.tolist()) <= {4, 8}
-    assert os.path.isfile(tmp_path / "full" / "reconstructions" / "grid.png")
+    assert os.path.isfile(tmp_path / "reconstructions" / "grid.png")
 
 
 def test_choose_iterations_rules():

@@ -84,12 +84,22 @@ def add_run_fields(config, *, runlocal: bool) -> None:
     """The data, mesh, evaluation, logging and checkpoint fields every training config shares,
     with their CPU ``runlocal`` values (embedded photos, global batch 8, frequent logs)."""
     import ml_collections
+
+    from titok_jax.data.embedded import DATASET_NAME
+    # embedded: prepare the embedded photo dataset (DATASET_NAME) in data_dir, by default the
+    # project cache; any other dataset is only read from data_dir (default: TFDS's).
     config.data = ml_collections.ConfigDict(dict(
-        dataset="imagenet2012", data_dir="", embedded=runlocal, train_split="train",
-        eval_split="validation", num_threads=4 if runlocal else 16))
+        dataset=DATASET_NAME if runlocal else "imagenet2012", data_dir="", embedded=runlocal,
+        train_split="train", eval_split="validation", num_threads=4 if runlocal else 16))
     # Mesh: one "data" axis over all devices; fsdp shards params + optimizer state over it.
     config.mesh = ml_collections.ConfigDict(dict(fsdp=False, fsdp_min_size=2 ** 14, rules=[]))
     config.keep_ckpts = 3
+    # Resume safety (titok_jax/checkpointing.py): a resumed run refuses a config that differs
+    # from the stored one unless allow_config_changes (changes that keep the state shapes, e.g.
+    # a longer schedule); an unrestorable newest checkpoint stops the run unless
+    # checkpoint_fallback (then the newest older one that restores is used).
+    config.allow_config_changes = False
+    config.checkpoint_fallback = False
     # Periodic evaluation (titok_jax/evals) of the EMA params every eval_every steps (0: never):
     # comma-separated evaluators from rfid, psnr, ssim, lpips, codebook, linear_probe.
     config.evals = "rfid,psnr,ssim,lpips,codebook"
@@ -99,7 +109,9 @@ def add_run_fields(config, *, runlocal: bool) -> None:
         inception_weights="",     # converted FID Inception (default: fetched into .cache/)
         inception_fc="",          # pytorch-fid pt_inception-2015-12-05-*.pth: adds the IS head
         fid_reference="",         # .npz with mu/sigma (or ADM arr_0 images): FID against it
-        is_splits=10,
+        # Inception Score splits: 1, as the official VQGANEvaluator computes the IS of
+        # reconstructions (generation metrics, titok-jax fid, keep ADM's 10).
+        is_splits=1,
         fid_sqrt="scipy",         # scipy.linalg.sqrtm (the protocol) | eigh (faster, same value)
         probe_train_split="train", probe_test_split="validation",
         probe_steps=1000, probe_lr=1e-2, probe_weight_decay=1e-4,

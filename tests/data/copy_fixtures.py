@@ -47,6 +47,16 @@ def main(src: str) -> None:
             shutil.copy(os.path.join(src, name, "weights.safetensors"),
                         os.path.join(out, "weights.safetensors"))
     copy_alit(src, dst)
+    copy_train_steps(src, dst)
+
+
+def copy_train_steps(src: str, dst: str, name: str = "titok_stage1_tiny") -> None:
+    """Three official stage-1 training steps (per-step lr/loss/grad norm in the json; params and
+    EMA after step 3 in the npz)."""
+    arrays = dict(np.load(os.path.join(src, name, "train_steps.npz")))
+    np.savez_compressed(os.path.join(dst, name, "train_steps.npz"), **arrays)
+    shutil.copy(os.path.join(src, name, "train_steps.json"),
+                os.path.join(dst, name, "train_steps.json"))
 
 
 def copy_alit(src: str, dst: str, name: str = "alit_tiny_fixture") -> None:

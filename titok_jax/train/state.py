@@ -1,13 +1,19 @@
-"""Train state, optimizer and EMA shared by the trainers.
+"""Train state with named parameter groups, their optimizers and EMAs.
 
-The optimizer follows the official TiTok recipe: AdamW with a linear warm-up from 0 and a cosine
-decay to ``end_lr``, global-norm clipping, and no weight decay on norms, biases, embeddings and
-learned tokens. Which parameters decay is decided on their *official PyTorch names* with the
-official substring rule, so the grouping is the same as in the reference code.
+A task holds one or more *groups* (``tokenizer``; later ``discriminator``, ``generator``), each
+with its own optax optimizer, schedule and optional EMA, plus non-trainable ``mutable`` state
+(BatchNorm statistics, LeCam EMAs, counters). Every leaf lives in one pytree, so Orbax saves it
+and the sharding rules place it like any other.
+
+The TiTok optimizer is the official recipe: AdamW with a linear warm-up from 0 and a cosine decay
+to ``end_lr``, global-norm clipping, and no weight decay on norms, biases, embeddings and learned
+tokens. Which parameters decay is decided on their *official PyTorch names* with the official
+substring rule, so the grouping is the same as in the reference code.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
 import flax
 import jax
@@ -23,18 +29,30 @@ NO_DECAY_SUBSTRINGS = ("ln", "bias", "latent_tokens", "mask_token", "embedding",
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array
-    params: Any
-    ema_params: Any
-    opt_state: Any
+    step: jax.Array                 # updates applied (skipped non-finite steps do not count)
+    params: dict[str, Any]          # group -> parameter tree
+    ema_params: dict[str, Any]      # group -> EMA tree (groups without an EMA are absent)
+    opt_state: dict[str, Any]       # group -> optax state
+    mutable: dict[str, Any]         # non-trainable state of the task
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """One group's optimizer: the optax transform, its schedule (for logging) and the EMA's
+    maximum decay (None: no EMA)."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    ema_decay: float | None
 
 
 def learning_rate_schedule(opt_cfg) -> optax.Schedule:
     """Linear warm-up 0 -> lr over ``warmup_steps``, then cosine to ``end_lr`` at
-    ``total_steps``."""
+    ``total_steps`` (the official ``lr_schedulers.py``)."""
     warmup = optax.linear_schedule(0.0, opt_cfg.lr, max(int(opt_cfg.warmup_steps), 1))
     decay_steps = max(int(opt_cfg.total_steps) - int(opt_cfg.warmup_steps), 1)
-    cosine = optax.cosine_decay_schedule(opt_cfg.lr, decay_steps, alpha=opt_cfg.end_lr / opt_cfg.lr)
+    cosine = optax.cosine_decay_schedule(opt_cfg.lr, decay_steps,
+                                         alpha=opt_cfg.end_lr / opt_cfg.lr)
     return optax.join_schedules([warmup, cosine], [int(opt_cfg.warmup_steps)])
 
 
@@ -50,8 +68,8 @@ def decay_mask(params: Any, name_map: NameMap,
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(opt_cfg, params: Any, name_map: NameMap) -> tuple[
-        optax.GradientTransformation, optax.Schedule]:
+def adamw(opt_cfg, params: Any, name_map: NameMap, ema_decay: float | None) -> Optimizer:
+    """The official AdamW of a ``config.optimizer`` block for ``params``."""
     schedule = learning_rate_schedule(opt_cfg)
     no_decay = tuple(opt_cfg.get("no_decay", NO_DECAY_SUBSTRINGS))
     tx = optax.chain(
@@ -59,37 +77,70 @@ def make_optimizer(opt_cfg, params: Any, name_map: NameMap) -> tuple[
         optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                     weight_decay=opt_cfg.weight_decay,
                     mask=decay_mask(params, name_map, no_decay)))
-    return tx, schedule
+    return Optimizer(tx, schedule, ema_decay)
 
 
-def apply_update(state: TrainState, loss: jax.Array, grads: Any, tx, schedule,
-                 ema_max_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The optimizer + EMA update of one step, guarded against non-finite values.
+def init_state(params: Mapping[str, Any], optimizers: Mapping[str, Optimizer],
+               mutable: Mapping[str, Any] | None = None) -> TrainState:
+    """Step 0: every group's optimizer state, EMAs equal to the params."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=dict(params),
+        ema_params={g: jax.tree_util.tree_map(jnp.copy, p) for g, p in params.items()
+                    if optimizers[g].ema_decay is not None},
+        opt_state={g: optimizers[g].tx.init(p) for g, p in params.items()},
+        mutable=dict(mutable or {}))
 
-    A non-finite loss, gradient or update leaves the state untouched (the host stops on the
-    ``nonfinite`` metric). Zeroed updates and a unit EMA decay are elementwise and fuse into the
-    update; only the optimizer state needs a select, so the state is never held twice.
+
+def apply_updates(state: TrainState, losses: Mapping[str, jax.Array],
+                  grads: Mapping[str, Any], optimizers: Mapping[str, Optimizer],
+                  mutable: Mapping[str, Any] | None = None
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The optimizer + EMA updates of the groups in ``grads``, guarded against non-finite values.
+
+    A non-finite loss, gradient or update in any group leaves the whole state untouched (the
+    host stops on the ``nonfinite`` metric). Zeroed updates and a unit EMA decay are elementwise
+    and fuse into the update; only the optimizer state needs a select, so the state is never
+    held twice. Metrics of a single-group task are unprefixed, otherwise ``<group>/...``.
     """
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    grad_norm, update_norm = optax.tree.norm(grads), optax.tree.norm(updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, 0.0), updates)
-    params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, state.step, ema_max_decay, active=finite)
+    finite = jnp.array(True)
+    for loss in losses.values():
+        finite &= jnp.isfinite(loss)
+    staged, metrics = {}, {}
+    prefix = (lambda g: "") if len(state.params) == 1 else (lambda g: f"{g}/")  # noqa: E731
+    for group, g in grads.items():
+        opt = optimizers[group]
+        updates, opt_state = opt.tx.update(g, state.opt_state[group], state.params[group])
+        grad_norm, update_norm = optax.tree.norm(g), optax.tree.norm(updates)
+        finite &= jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
+        staged[group] = (updates, opt_state)
+        metrics.update({f"{prefix(group)}grad_norm": grad_norm,
+                        f"{prefix(group)}update_norm": update_norm,
+                        f"{prefix(group)}learning_rate": opt.schedule(state.step)})
+    params, ema, opt_states = dict(state.params), dict(state.ema_params), dict(state.opt_state)
+    for group, (updates, opt_state) in staged.items():
+        updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, 0.0), updates)
+        params[group] = optax.apply_updates(state.params[group], updates)
+        if optimizers[group].ema_decay is not None:
+            ema[group] = ema_update(state.ema_params[group], params[group], state.step,
+                                    optimizers[group].ema_decay, active=finite)
+        opt_states[group] = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o),
+                                                   opt_state, state.opt_state[group])
+        metrics[f"{prefix(group)}param_norm"] = optax.tree.norm(params[group])
+    new_mutable = dict(state.mutable)
+    for key, value in (mutable or {}).items():
+        new_mutable[key] = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), value,
+                                                  state.mutable[key])
     new = TrainState(step=state.step + finite.astype(state.step.dtype), params=params,
-                     ema_params=ema, opt_state=jax.tree_util.tree_map(keep, opt_state,
-                                                                      state.opt_state))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
-               "update_norm": update_norm, "learning_rate": schedule(state.step),
-               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+                     ema_params=ema, opt_state=opt_states, mutable=new_mutable)
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     return new, metrics
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
-    """Official EMAModel without warm-up: min(max_decay, (1 + s) / (10 + s)), s = update index."""
+    """The official ``EMAModel`` without warm-up at update index ``s`` (0-based): 0 at the first
+    update (the EMA becomes the params), then ``min(max_decay, (1 + s) / (10 + s))``."""
     s = step.astype(jnp.float32)
-    return jnp.minimum(max_decay, (1.0 + s) / (10.0 + s))
+    return jnp.where(s == 0, 0.0, jnp.minimum(max_decay, (1.0 + s) / (10.0 + s)))
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, max_decay: float,

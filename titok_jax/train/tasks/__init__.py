@@ -1,0 +1,50 @@
+"""Training objectives as tasks, chosen by ``config.task``; the loop (``train/loop.py``) names
+no model and asks its task for everything model-specific.
+
+A task supplies:
+
+* ``frozen()``: parts it uses but does not train (a teacher VQGAN, later LPIPS/ConvNeXt), loaded
+  once on the host;
+* ``init(rng)``: the pure initial :class:`~titok_jax.train.state.TrainState` (named parameter
+  groups, each with its optimizer and EMA in ``optimizers``, plus mutable state);
+* ``steps``: pure step functions ``(state, batch, frozen, key) -> (state, metrics)`` by kind,
+  and ``step_kind(step)`` choosing the kind of each step (a task may alternate kinds);
+* ``input_kind``: the batches it reads (``"images"``: ``{"image", "label"}``);
+* ``predictor()`` and ``predict_params(state, frozen)``: the prediction functions used by image
+  grids and evaluators, and their params (the EMA);
+* ``export(state, frozen, directory)`` and ``warm_start(state, path)``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import ml_collections
+
+from titok_jax.train.tasks.base import Task
+
+_REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+    return wrap
+
+
+def names() -> list[str]:
+    _load()
+    return sorted(_REGISTRY)
+
+
+def get(config: ml_collections.ConfigDict) -> Task:
+    """The task named by ``config.task``."""
+    _load()
+    if config.task not in _REGISTRY:
+        raise ValueError(f"unknown config.task {config.task!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[config.task](config)
+
+
+def _load() -> None:
+    from titok_jax.train.tasks import alit, titok  # noqa: F401  (register themselves)

@@ -1,0 +1,100 @@
+"""TiTok tasks: stage 1 (proxy codes of a frozen MaskGIT-VQGAN) and the pixel objective.
+
+* ``titok_stage1`` (stage 1 of the paper): the frozen teacher encodes the batch inside the step
+  to proxy codes; loss = cross-entropy of the decoder's proxy logits + quantizer loss (official
+  ``ReconstructionLoss_Stage1``).
+* ``titok_pixel``: mean squared error of the pixel-head reconstruction + quantizer loss (VQ) or
+  ``kl_weight`` x KL (VAE): the reconstruction terms of the single-stage recipe, without its
+  perceptual and GAN losses. The CPU quickstart uses it, since it needs no pretrained teacher.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from titok_jax import predict, variants
+from titok_jax.convert.official import name_map_for
+from titok_jax.losses import stage1_loss
+from titok_jax.train.state import TrainState, adamw, apply_updates
+from titok_jax.train.tasks import register
+from titok_jax.train.tasks.base import Task
+
+
+def codebook_stats(ids: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
+    """Fraction of codes used in the batch and the perplexity of their distribution."""
+    counts = jnp.zeros((codebook_size,), jnp.float32).at[ids.reshape(-1)].add(1.0)
+    p = counts / jnp.maximum(counts.sum(), 1.0)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return {"codebook_usage": jnp.mean(counts > 0), "codebook_perplexity": jnp.exp(entropy)}
+
+
+class _TiTokTask(Task):
+    def optimizers(self, abstract_params):
+        return {self.group: adamw(self.config.optimizer, abstract_params[self.group],
+                                  name_map_for(self.config.model), self.config.ema_decay)}
+
+    def _update(self, state: TrainState, loss_fn, *args):
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params[self.group], *args)
+        new, metrics = apply_updates(state, {"loss": loss}, {self.group: grads},
+                                     self.optimizers(state.params))
+        return new, {"loss": loss, **metrics, **terms}
+
+
+@register("titok_stage1")
+class TiTokStage1(_TiTokTask):
+    def check(self, config):
+        if not predict.needs_teacher(config.model) or config.model.name != "titok":
+            raise ValueError("task titok_stage1 trains the proxy-code head of a two-stage TiTok "
+                             "(configs/titok.py:variant=L-32|B-64|S-128,stage=1); this "
+                             f"config.model is {config.model.get('variant', config.model.name)}"
+                             f" with is_legacy={config.model.get('is_legacy')}, "
+                             f"finetune_decoder={config.model.get('finetune_decoder')}")
+
+    def train_step(self, state, batch, frozen, key):
+        del key
+        teacher = variants.build_model(predict.teacher_config(self.config))
+        images = batch["image"]
+        targets = jax.lax.stop_gradient(teacher.apply({"params": frozen["teacher"]}, images,
+                                                      method=teacher.encode))
+        codebook_size = self.config.model.codebook_size
+
+        def loss_fn(params):
+            out = self.model.apply({"params": params}, images)
+            loss, terms = stage1_loss(out.decoded, targets, out.quantizer,
+                                      self.config.quantizer_weight)
+            terms["proxy_accuracy"] = jnp.mean(
+                jnp.argmax(out.decoded, -1).reshape(targets.shape) == targets)
+            terms.update(codebook_stats(out.ids, codebook_size))
+            return loss, terms
+        return self._update(state, loss_fn)
+
+
+@register("titok_pixel")
+class TiTokPixel(_TiTokTask):
+    def check(self, config):
+        if config.model.name != "titok" or config.model.is_legacy:
+            raise ValueError(
+                "task titok_pixel trains single-stage pixel-head TiTok models (VQ-8k, VAE, "
+                "tiny-pixel, tiny-vae). The two-stage models are trained with task "
+                "titok_stage1 (stage=1); their stage 2 (decoder fine-tuning with perceptual and "
+                "GAN losses) is not implemented yet")
+
+    def train_step(self, state, batch, frozen, key):
+        del frozen
+        images = batch["image"]
+        vae = self.config.model.quantize_mode == "vae"
+
+        def loss_fn(params: Any):
+            out = self.model.apply({"params": params}, images, rng=key if vae else None)
+            mse = jnp.mean(jnp.square(out.decoded - images))
+            if vae:  # official: kl_weight x sum(KL) / batch
+                kl = self.config.kl_weight * jnp.sum(out.posterior.kl()) / images.shape[0]
+                return mse + kl, {"reconstruction_loss": mse, "kl_loss": kl}
+            q = self.config.quantizer_weight * out.quantizer.quantizer_loss
+            terms = {"reconstruction_loss": mse, "quantizer_loss": q}
+            terms.update(codebook_stats(out.ids, self.config.model.codebook_size))
+            return mse + q, terms
+        return self._update(state, loss_fn)
