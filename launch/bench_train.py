@@ -2,8 +2,9 @@
 
 One step = the frozen MaskGIT-VQGAN encodes the batch to proxy codes, TiTok forward, cross-entropy
 + quantizer loss, backward, clip, AdamW, EMA — the jitted, donated step of
-``titok_jax/train/loop.py`` (task ``titok_stage1``) on a ``data`` mesh over all devices. FLOPs come from XLA's cost
-analysis of the compiled step; MFU is achieved / peak (see ``titok_jax/bench.py``).
+``titok_jax/train/loop.py`` (task ``titok_stage1``) on a ``data`` mesh over all devices. FLOPs
+come from XLA's cost analysis of the compiled step; MFU is achieved / peak (see
+``titok_jax/bench.py``).
 
 Baseline in the same run: with ``--official-src`` (a checkout of bytedance/1d-tokenizer) the
 official PyTorch stage-1 step (train mode, forward, CE + quantizer loss, backward, clip 1.0,
