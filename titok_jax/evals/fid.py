@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from titok_jax.checkpointing import as_path
+
 log = logging.getLogger(__name__)
 
 IS_EPS = 1e-16
@@ -147,26 +149,15 @@ class InceptionRunner:
 
 
 def _image_batches(images: np.ndarray | str, batch_size: int) -> Iterator[np.ndarray]:
-    """Batches of 0..255 float32 images from an array (uint8, or float in [0, 1]) or a directory
-    (every readable image, converted to RGB; consecutive images of one size are batched)."""
+    """Batches of 0..255 float32 images from an array (uint8, or float in [0, 1]) or a folder
+    (every decodable image at its own size, see :class:`titok_jax.data.folders.ImageFolder`)."""
     if isinstance(images, (str, os.PathLike)):
-        from titok_jax.data.images import BadImageError, list_images, load_image
-        files = list_images(os.fspath(images))
-        if not files:
-            raise ValueError(f"no image files found at {images!r}")
-        batch: list[np.ndarray] = []
-        for path in files:
-            try:
-                arr = np.asarray(load_image(path), np.float32)
-            except BadImageError as e:
-                log.warning("skipping %s", e)
-                continue
-            if batch and (len(batch) == batch_size or arr.shape != batch[0].shape):
-                yield np.stack(batch)
-                batch = []
-            batch.append(arr)
-        if batch:
-            yield np.stack(batch)
+        from titok_jax.data.folders import ImageFolder
+        folder = ImageFolder(images, None, batch_size)
+        if not len(folder):
+            raise ValueError(f"no image files found at {os.fspath(images)!r}")
+        for batch in folder:
+            yield np.asarray(uint8_values(jnp.asarray(batch.images)))
         return
     array = np.asarray(images)
     if array.ndim != 4 or array.shape[-1] != 3:
@@ -186,8 +177,12 @@ class ImageStatistics:
     count: int
     logits: np.ndarray | None = None
 
-    def save(self, path: str) -> None:
-        np.savez(path, mu=self.mu, sigma=self.sigma, count=self.count)
+    def save(self, path: str | os.PathLike) -> None:
+        """``mu``, ``sigma`` and ``count`` as ``.npz`` at a local or ``gs://`` path."""
+        path = as_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count)
 
 
 def image_statistics(images: np.ndarray | str, runner: InceptionRunner,
@@ -208,12 +203,12 @@ def image_statistics(images: np.ndarray | str, runner: InceptionRunner,
     return ImageStatistics(mu, sigma, stats.count, np.concatenate(logits) if logits else None)
 
 
-def load_reference(path: str, runner: InceptionRunner | None = None) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
+def load_reference(path: str | os.PathLike,
+                   runner: InceptionRunner | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` of a reference ``.npz``: its ``mu``/``sigma`` arrays (pytorch-fid,
     clean-fid and ADM reference batches carry them), else the statistics of its images
     (``arr_0``, uint8 [N, H, W, 3], as in ADM reference batches), computed with ``runner``."""
-    with np.load(path) as ref:
+    with as_path(path).open("rb") as f, np.load(f) as ref:
         if "mu" in ref and "sigma" in ref:
             return np.asarray(ref["mu"], np.float64), np.asarray(ref["sigma"], np.float64)
         if "arr_0" in ref:

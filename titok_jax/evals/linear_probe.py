@@ -17,15 +17,15 @@ from titok_jax.data import pipeline as data_lib
 from titok_jax.evals.evaluators import StandaloneEvaluator, register
 
 
-def extract_features(eval_model, params, data, split: str, mesh,
+def extract_features(predictor, params, data, split: str, mesh,
                      progress: bool) -> tuple[np.ndarray, np.ndarray, int]:
     """``(features [N, D] float32, labels [N], number of classes)`` of every decodable example
     of ``split``."""
-    step = jax.jit(lambda p, b: {"features": eval_model.features(p, b["image"]),
+    step = jax.jit(lambda p, b: {"features": predictor.features(p, b["image"]),
                                  "label": b["label"], "mask": b["mask"]},
                    out_shardings=sharding.replicated(mesh))
     feats, labels = [], []
-    with data.pipeline(split, eval_model.image_size) as pipe:
+    with data.pipeline(split, predictor.image_size) as pipe:
         batches = iter(pipe)
         if progress and jax.process_index() == 0:
             from tqdm import tqdm
@@ -89,9 +89,9 @@ class LinearProbe(StandaloneEvaluator):
     def run(self, params, mesh, data, progress):
         s = self.settings
         x_train, y_train, num_classes = extract_features(
-            self.eval_model, params, data, s.probe_train_split, mesh, progress)
+            self.predictor, params, data, s.probe_train_split, mesh, progress)
         x_test, y_test, _ = extract_features(
-            self.eval_model, params, data, s.probe_test_split, mesh, progress)
+            self.predictor, params, data, s.probe_test_split, mesh, progress)
         mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
         clf = train_linear_classifier(x_train, y_train, num_classes, mesh, steps=s.probe_steps,

@@ -13,61 +13,18 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from titok_jax import sharding
+from titok_jax import predict, sharding
+from titok_jax.checkpointing import as_path
 from titok_jax.data import pipeline as data_lib
 from titok_jax.evals import linear_probe  # noqa: F401  (registers "linear_probe")
 from titok_jax.evals.evaluators import EVALUATORS, PassEvaluator, StandaloneEvaluator
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class EvalModel:
-    """What the evaluators need from a tokenizer, as pure functions of its params.
-
-    ``reconstruct(params, images)`` -> ``{"recon": [B, H, W, 3] in [0, 1], "ids": int [B, N]}``
-    (``ids`` only for VQ models); ``features(params, images)`` -> ``[B, D]``, the mean-pooled
-    pre-quantization latents (for the linear probe).
-    """
-
-    reconstruct: Callable[[Any, jax.Array], dict[str, jax.Array]]
-    features: Callable[[Any, jax.Array], jax.Array]
-    image_size: int
-    codebook_size: int  # 0 for continuous (VAE) tokenizers
-
-
-def titok_eval_model(model, model_config: ml_collections.ConfigDict, teacher=None) -> EvalModel:
-    """The :class:`EvalModel` of a TiTok. Its params are ``{"model": ..., "teacher": ...}``;
-    a stage-1 model (proxy-code head) is decoded by the MaskGIT-VQGAN ``teacher``, as in the
-    official stage-1 evaluation."""
-    vae = model_config.quantize_mode == "vae"
-
-    def reconstruct(params, images):
-        out = model.apply({"params": params["model"]}, images)
-        if model.outputs_proxy_codes:
-            codes = jnp.argmax(out.decoded, -1).reshape(images.shape[0], -1)
-            recon = teacher.apply({"params": params["teacher"]}, codes, method=teacher.decode)
-        else:
-            recon = out.decoded
-        result = {"recon": jnp.clip(recon, 0.0, 1.0)}
-        if not vae:
-            result["ids"] = out.ids
-        return result
-
-    def features(params, images):
-        z = model.apply({"params": params["model"]}, images, method=model.encoder_out)
-        if vae:  # the posterior mean half of the moments
-            z = z[..., :model_config.token_size]
-        return jnp.mean(z, axis=1)
-
-    return EvalModel(reconstruct, features, model_config.image_size,
-                     0 if vae else model_config.codebook_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,21 +61,22 @@ class Evaluation:
     """Evaluators built once (weights loaded once); call it with the model params to evaluate.
 
     Args:
-      eval_model: the tokenizer's :class:`EvalModel`.
+      predictor: the tokenizer's :class:`~titok_jax.predict.Predictor`; the params passed to
+        the evaluation are its ``{"model": ..., "frozen": ...}``.
       names: evaluator names (or a comma-separated string).
       settings: the ``config.eval`` block (batch size, Inception weights, reference, probe).
       data: the eval data.
       mesh: the device mesh; the global batch must be divisible by its size.
     """
 
-    def __init__(self, eval_model: EvalModel, names: str | Sequence[str],
+    def __init__(self, predictor: predict.Predictor, names: str | Sequence[str],
                  settings: ml_collections.ConfigDict, data: DataSpec,
                  mesh: jax.sharding.Mesh, progress: bool = False):
         if data.batch_size % mesh.size:
             raise ValueError(f"eval batch size {data.batch_size} is not divisible by the "
                              f"{mesh.size} devices")
-        self.eval_model, self.data, self.mesh, self.progress = eval_model, data, mesh, progress
-        self.evaluators = [EVALUATORS[n](settings, eval_model) for n in parse_names(names)]
+        self.predictor, self.data, self.mesh, self.progress = predictor, data, mesh, progress
+        self.evaluators = [EVALUATORS[n](settings, predictor) for n in parse_names(names)]
         self.passes = [e for e in self.evaluators if isinstance(e, PassEvaluator)]
         replicated = sharding.replicated(mesh)
         self._eval_params = jax.device_put({e.name: e.params for e in self.passes}, replicated)
@@ -126,7 +84,7 @@ class Evaluation:
         self._step = jax.jit(self._step_fn, out_shardings=replicated)
 
     def _step_fn(self, params, eval_params, batch):
-        out = self.eval_model.reconstruct(params, batch["image"])
+        out = self.predictor.reconstruct(params, batch["image"])
         inputs = {"image": batch["image"], **out}
         result = {"mask": batch["mask"]}
         for e in self.passes:
@@ -137,7 +95,7 @@ class Evaluation:
         for e in self.passes:
             e.reset()
         count = 0
-        with self.data.pipeline(image_size=self.eval_model.image_size) as pipe:
+        with self.data.pipeline(image_size=self.predictor.image_size) as pipe:
             batches = iter(pipe)
             if self.progress and jax.process_index() == 0:
                 from tqdm import tqdm
@@ -166,27 +124,38 @@ class Evaluation:
         return results
 
 
-def write_results(results: dict[str, float], path: str, meta: dict | None = None) -> None:
-    """Writes ``{"results": ..., **meta}`` as JSON (process 0 only)."""
+def write_results(results: dict[str, float], path: str | os.PathLike,
+                  meta: dict | None = None) -> None:
+    """Writes ``{"results": ..., **meta}`` as JSON to a local or ``gs://`` path (process 0)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"results": results, **(meta or {})}, f, indent=2, sort_keys=True)
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results, **(meta or {})}, indent=2, sort_keys=True))
 
 
-def from_config(config: ml_collections.ConfigDict, model, teacher, data_dir: str,
-                mesh: jax.sharding.Mesh, *, evals: str | Sequence[str] | None = None,
-                split: str | None = None, progress: bool = False) -> Evaluation:
-    """The :class:`Evaluation` of a training config (``config.evals``, ``config.eval``,
-    ``config.data``) for the trainer's model; params are ``{"model": ..., "teacher": ...}``
-    (ALIT: the trainable params and the frozen VQGAN)."""
+def write_scalars(results: dict[str, float], logdir: str | os.PathLike, step: int = 0) -> None:
+    """``eval/<name>`` TensorBoard scalars in ``logdir`` (local or ``gs://``), process 0."""
+    from clu import metric_writers
+    writer = metric_writers.create_default_writer(
+        os.fspath(as_path(logdir)), just_logging=jax.process_index() != 0, asynchronous=False)
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+    writer.flush()
+    writer.close()
+
+
+def from_config(config: ml_collections.ConfigDict, data_dir: str, mesh: jax.sharding.Mesh, *,
+                predictor: predict.Predictor | None = None,
+                evals: str | Sequence[str] | None = None, split: str | None = None,
+                progress: bool = False) -> Evaluation:
+    """The :class:`Evaluation` of a config (``config.evals``, ``config.eval``, ``config.data``).
+
+    ``predictor`` defaults to :func:`titok_jax.predict.predictor` of the config (ALIT: at
+    ``config.eval.alit_iteration``); the evaluation's params are ``{"model": trainable params,
+    "frozen": frozen parts}`` (:func:`titok_jax.predict.load_frozen`).
+    """
     data = DataSpec(config.data.dataset, data_dir, split or config.data.eval_split,
                     config.eval.batch_size, config.data.num_threads)
-    if config.model.name == "alit":
-        from titok_jax.evals.alit import alit_eval_model
-        eval_model = alit_eval_model(model, config.model, config.eval.alit_iteration)
-    else:
-        eval_model = titok_eval_model(model, config.model, teacher)
-    return Evaluation(eval_model, config.evals if evals is None else evals, config.eval, data,
-                      mesh, progress)
+    return Evaluation(predictor or predict.predictor(config),
+                      config.evals if evals is None else evals, config.eval, data, mesh,
+                      progress)
