@@ -1,4 +1,5 @@
 """Every config file and every released variant builds; sizes match the official models."""
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -53,7 +54,11 @@ def test_every_config_file_builds(path):
     for arg in args:
         cfg = mod.get_config(arg)
         module = variants.build_model(cfg.model)
-        assert module is not None
+        # The module is the configured model, built with the config's field values.
+        assert type(module).__name__ == {"titok": "TiTok", "alit": "ALIT",
+                                         "maskgit_vqgan": "MaskGITVQGAN"}[cfg.model.name]
+        fields = {f.name for f in dataclasses.fields(module)} & set(cfg.model) - {"name", "dtype"}
+        assert {k: getattr(module, k) for k in fields} == {k: cfg.model[k] for k in fields}
         with pytest.raises(AttributeError):
             cfg.model.not_a_key = 1  # configs are locked: unknown keys raise
 
