@@ -37,3 +37,40 @@ def data_dir(tmp_path_factory):
     """The embedded photo dataset prepared by the real TFDS imagenet2012 builder (~3 s)."""
     from titok_jax.data.embedded import prepare_embedded_imagenet
     return prepare_embedded_imagenet(str(tmp_path_factory.mktemp("tfds")))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator for ``gs://`` tests: fake-gcs-server on 127.0.0.1 (a free port, in
+    memory) with the bucket ``helpers.GCS_BUCKET``, started once per session and stopped at its
+    end. Yields a ``helpers.GcsEmulator``: ``.path("a", "b")`` / ``.new_dir()`` give
+    ``gs://titok-test/...`` paths, ``.objects(prefix)`` lists what the emulator holds,
+    ``.env()`` is the environment for subprocesses (``env={**os.environ, **emulator.env()}``).
+
+    No Google credentials are used. How each storage layer reaches the emulator (set here in
+    ``os.environ`` for the whole session, after the first test that asks for this fixture):
+
+    * ``etils.epath`` (titok-jax paths, TFDS, Orbax's directory handling): with TensorFlow
+      installed epath would use ``tf.io.gfile``, whose GCS client has its endpoints compiled
+      in (no emulator setting), so ``EPATH_USE_TF=0`` makes epath use fsspec/gcsfs, which
+      reads ``STORAGE_EMULATOR_HOST``; ``FSSPEC_GS_TOKEN=anon`` gives anonymous credentials and
+      ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` skips gcsfs's Storage Control gRPC lookup.
+      epath caches its backend choice, so the cache is cleared here.
+    * tensorstore (Orbax array data): ``TENSORSTORE_GCS_HTTP_URL`` replaces
+      storage.googleapis.com; ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` is a fixed token, so no
+      credential search.
+    """
+    import fsspec.config
+    from etils.epath import gpath
+
+    from helpers import GcsEmulator
+
+    with GcsEmulator() as emulator, pytest.MonkeyPatch.context() as mp:
+        for key, value in emulator.env().items():
+            mp.setenv(key, value)
+        # fsspec read FSSPEC_* into its config when it was imported, maybe before this fixture.
+        mp.setitem(fsspec.config.conf, "gs", {**fsspec.config.conf.get("gs", {}),
+                                              "token": "anon"})
+        gpath._is_tf_installed.cache_clear()
+        yield emulator
+    gpath._is_tf_installed.cache_clear()

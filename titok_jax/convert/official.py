@@ -1,16 +1,19 @@
 """Name maps of the official checkpoints and safe readers/writers for weight files.
 
 Readers never unpickle arbitrary objects: ``.safetensors`` files are read directly, PyTorch
-``.bin``/``.pt``/``.pth`` files through ``torch.load(weights_only=True)``.
+``.bin``/``.pt``/``.pth`` files through ``torch.load(weights_only=True)``. Files are read and
+written whole through ``etils.epath``, so any path may be ``gs://``.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 from typing import Mapping
 
 import numpy as np
+from etils import epath
 
 from titok_jax.convert.layout import (
     CONV1X1_AS_DENSE,
@@ -70,14 +73,20 @@ def _to_numpy(value) -> np.ndarray:
     return value.detach().cpu().numpy()
 
 
+def _existing_file(path: str) -> epath.Path:
+    file = epath.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return file
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a flat ``{key: tensor}`` weights file (.safetensors, or .bin/.pt/.pth via torch)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+    file = _existing_file(path)
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return dict(load_file(path))
+        from safetensors.numpy import load
+        return dict(load(file.read_bytes()))
     if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
         try:
             import torch
@@ -85,7 +94,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ImportError(f"reading {path} needs PyTorch: pip install 'titok-jax[torch]', "
                               "or convert the file to .safetensors first") from e
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(file.read_bytes()), map_location="cpu",
+                             weights_only=True)
         except pickle.UnpicklingError as e:
             raise ValueError(f"{path} holds objects other than tensors; refusing to unpickle it "
                              f"(loaded with weights_only=True): {str(e).splitlines()[0]}") from e
@@ -107,14 +117,16 @@ def read_training_checkpoint(path: str | os.PathLike, which: str = "ema") -> dic
     (a Namespace only restores attributes); anything else non-tensor is still refused.
     """
     path = os.fspath(path)
-    if path.endswith(".safetensors") or not os.path.isfile(path):
+    file = epath.Path(path)
+    if path.endswith(".safetensors") or not file.is_file():
         return read_state_dict(path)
     import argparse
 
     import torch
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(file.read_bytes()), map_location="cpu",
+                             weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} holds objects other than tensors and an argparse.Namespace; "
                          f"refusing to unpickle it: {str(e).splitlines()[0]}") from e
@@ -133,10 +145,11 @@ def read_training_checkpoint(path: str | os.PathLike, which: str = "ema") -> dic
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> None:
-    from safetensors.numpy import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.fspath(path),
-              metadata=dict(metadata or {}))
+    from safetensors.numpy import save
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                          metadata=dict(metadata or {})))
 
 
 def vqgan_as_pixel_decoder(vqgan_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

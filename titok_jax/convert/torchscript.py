@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import zipfile
 from typing import Any, Iterator
 
 import numpy as np
+from etils import epath
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -90,10 +92,11 @@ class _Unpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def read_module(path: str) -> ScriptObject:
-    """The root module of a TorchScript archive, as nested :class:`ScriptObject` attributes with
-    numpy arrays for tensors."""
-    with zipfile.ZipFile(path) as archive:
+def read_module(path: str | os.PathLike) -> ScriptObject:
+    """The root module of a TorchScript archive (a local or ``gs://`` path), as nested
+    :class:`ScriptObject` attributes with numpy arrays for tensors."""
+    path = os.fspath(path)
+    with epath.Path(path).open("rb") as f, zipfile.ZipFile(f) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise ValueError(f"{path} is not a TorchScript archive (no single <name>/data.pkl)")
