@@ -5,20 +5,52 @@ Every image is decoded to RGB (:func:`titok_jax.data.images.load_image`). With a
 ``image_size`` it then gets the official eval transform (shorter side to the size, bicubic with
 antialias, center crop); without one it keeps its own size, and consecutive images of one size
 are batched together. A file that cannot be decoded is skipped with a warning naming it.
-Listing and decoding are :func:`titok_jax.data.images.list_images` and ``load_image``.
+Paths go through ``etils.epath``, so a folder, a file or a glob may be ``gs://``.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
+import re
 from typing import Iterator
 
 import numpy as np
+from etils import epath
 
-from titok_jax.data.images import BadImageError, list_images, load_image, resize_center_crop
+from titok_jax.data.images import IMAGE_EXTENSIONS, BadImageError, load_image, resize_center_crop
 
 log = logging.getLogger(__name__)
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _walk(folder: epath.Path) -> Iterator[epath.Path]:
+    """Every file below ``folder``, one listing per folder (epath refuses ``**`` globs)."""
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            yield from _walk(entry)
+        else:
+            yield entry
+
+
+def list_images(spec: str | os.PathLike) -> list[str]:
+    """The image files (by extension) below a folder, a single file, or the files matching a
+    glob (local globs may use ``**``; remote ones match within one folder level per part),
+    sorted."""
+    text = os.fspath(spec)
+    if not _GLOB_CHARS.search(text):
+        path = epath.Path(text)
+        if path.is_dir():
+            return sorted(os.fspath(p) for p in _walk(path)
+                          if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return [text] if path.is_file() else []
+    if "://" not in text:
+        return sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+    head = text[:_GLOB_CHARS.search(text).start()].rsplit("/", 1)[0]
+    return sorted(os.fspath(p) for p in epath.Path(head).glob(text[len(head) + 1:])
+                  if p.is_file())
 
 
 @dataclasses.dataclass
