@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 import numpy as np
@@ -198,8 +199,6 @@ def cmd_train(args, overrides: list[str]) -> int:
 def cmd_eval(args, overrides: list[str]) -> int:
     from titok_jax.train import launch
     launch.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    import re
-
     import jax
 
     from titok_jax import sharding
