@@ -39,12 +39,13 @@ def bench_ops(batch: int, size: int, iters: int) -> None:
 
 def bench_eval(variant: str, evals: str, batch: int) -> None:
     from titok_jax.config_arg import apply_overrides, load_config
-    from titok_jax.data.embedded import prepare_embedded_imagenet
+    from titok_jax.data.embedded import DATASET_NAME, prepare_embedded
     from titok_jax.evals import runner
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = load_config(os.path.join(root, "configs", "titok.py") + f":variant={variant}")
-    apply_overrides(config, [f"eval.batch_size={batch}", "eval.fid_sqrt=eigh"])
-    data_dir = prepare_embedded_imagenet(os.path.join(tempfile.gettempdir(), "titok_bench_tfds"))
+    apply_overrides(config, [f"eval.batch_size={batch}", "eval.fid_sqrt=eigh",
+                             f"data.dataset={DATASET_NAME}"])
+    data_dir = prepare_embedded(os.path.join(tempfile.gettempdir(), "titok_bench_tfds"))
     model = variants.build_model(config.model)
     size = config.model.image_size
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]

@@ -9,8 +9,9 @@ shift || true
 source "$ROOT/launch/env.sh"
 cd "$ROOT"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-titok-jax train --config configs/titok.py:runlocal --workdir "$WORKDIR" \
-  --config.data.data_dir="$ROOT/.cache/tfds" "$@"
+# The runlocal config prepares the embedded dataset (titok_sample_photos) offline in the project
+# cache, .cache/tfds (or $TITOK_JAX_CACHE/tfds); it never writes into ~/tensorflow_datasets.
+titok-jax train --config configs/titok.py:runlocal --workdir "$WORKDIR" "$@"
 echo
 echo "held-out reconstructions and grid: $WORKDIR/reconstructions/grid.png"
 echo "training image grids:              $WORKDIR/images/"

@@ -34,9 +34,10 @@ def fixture():
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """The embedded photo dataset prepared by the real TFDS imagenet2012 builder (~3 s)."""
-    from titok_jax.data.embedded import prepare_embedded_imagenet
-    return prepare_embedded_imagenet(str(tmp_path_factory.mktemp("tfds")))
+    """A TFDS data dir holding the embedded photo dataset (``DATASET_NAME``, default settings),
+    prepared offline (~1 s)."""
+    from titok_jax.data.embedded import prepare_embedded
+    return prepare_embedded(str(tmp_path_factory.mktemp("tfds")))
 
 
 @pytest.fixture(scope="session")

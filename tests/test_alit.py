@@ -369,6 +369,7 @@ def test_cli_alit_eval_on_embedded_split(data_dir, tmp_path):
     out = tmp_path / "eval"
     assert main(["alit-eval", "--model", "alit_fixture_tiny", "--weights", WEIGHTS,
                  "--split", "validation[:3]", "--data-dir", data_dir, "--batch-size", "2",
+                 "--dataset", "titok_sample_photos",
                  "--thresholds", "0.1,0.3", "--out", str(out)]) == 0
     with open(out / "alit_eval.json") as f:
         report = json.load(f)

@@ -1,54 +1,50 @@
-"""A small real-photo dataset in the exact on-disk layout of TFDS ``imagenet2012``, built offline.
+"""The embedded dataset: crops of the photos scikit-image ships, as a TFDS dataset of its own
+(:data:`DATASET_NAME`), prepared offline into the project cache.
 
-The sample photos that scikit-image ships (:func:`titok_jax.data.samples.sample_photos`) are cut
-into crops and written as fake ImageNet *manual download* tars; TFDS's own ``imagenet2012``
-builder then prepares them, so the training code reads this data through exactly the path it
-uses for the real ImageNet (``tfds.builder("imagenet2012", data_dir=...)``).
+It is never written as, or read as, ``imagenet2012``: a run that asks for ImageNet reads only
+ImageNet, and preparing this dataset touches nothing but its own directory
+``<data_dir>/titok_sample_photos/<config>/<version>``.
 
-- **Classes.** Photo ``k`` (sorted by name, see :func:`class_names`) becomes label ``k``: its
-  train crops go to the class tar of the ``k``-th synset of TFDS's bundled ``labels.txt``.
+- **Classes.** Photo ``k`` of :func:`class_names` (the :data:`~titok_jax.data.samples.
+  SKIMAGE_PHOTOS`, sorted; scikit-learn's optional photos are left out so the content does not
+  depend on what else is installed) is label ``k``, in train and validation alike.
 - **Train / held-out.** The left ``1 - val_fraction`` of each photo gives the train crops:
   several scales (some smaller than 256, some larger), aspect ratios between 3:4 and 4:3, so the
   resize + crop transform has real work to do. Validation crops come only from the right
   ``val_fraction`` of each photo, which no train crop overlaps, so reconstructions of them show
-  held-out pixels.
-- **Validation labels are not ours.** The builder labels ``ILSVRC2012_val_*.JPEG`` by zipping the
-  sorted file names with its bundled ``validation_labels.txt`` (the official 50 000 labels), so our
-  k val images get the first k official labels. They are meaningless here; use the validation
-  split for reconstruction metrics, never for accuracy.
-
-What the ``imagenet2012`` builder (TFDS 4.9.10, version 5.1.0) does with bad files, read in its
-source and checked by ``tests/test_data.py``: the ``image`` feature is
-``Image(encoding_format="jpeg")`` and the builder hands it a file object, whose bytes are stored
-**verbatim** -- nothing is decoded, validated or re-encoded while preparing. The one exception is
-by file name: the 22 names in the builder's ``CMYK_IMAGES`` list are converted to RGB and the one
-name in ``PNG_IMAGES`` to JPEG (the known bad files of the real ImageNet). So a truncated JPEG,
-random bytes, a grayscale or CMYK JPEG, a PNG named ``.JPEG`` and a tiny image all reach the
-prepared dataset unchanged (our file names are not in those lists) and the input pipeline must
-cope with them; ``bad_examples=True`` injects one of each into the first class.
+  held-out pixels. The defaults give 336 train and 56 validation JPEGs.
+- **Settings are part of the name.** Every setting (crops per photo, validation crops, held-out
+  fraction, seed, bad examples) is encoded in the builder config name (:func:`config_name`), so
+  data prepared with other settings lives in another directory and is never reused by mistake.
+  ``tfds.builder(DATASET_NAME)`` reads the default settings; :func:`builder` any others.
+- **Bad files.** ``bad_examples=True`` adds to train one file of each kind of
+  :data:`BAD_EXAMPLES` (truncated JPEG, random bytes, grayscale and CMYK JPEGs, a PNG named
+  ``.JPEG``, a 20x14 JPEG). ``tfds.features.Image`` stores ``bytes`` verbatim (its encoder only
+  encodes arrays and PIL images), so they reach the prepared records unchanged and the input
+  pipeline has to cope with them.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
-import json
 import logging
 import os
-import tarfile
+import re
+from typing import Any, Iterator
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 
-from titok_jax.data.samples import sample_photos
+from titok_jax import cache
+from titok_jax.data.samples import SKIMAGE_PHOTOS, skimage_photos
 
 log = logging.getLogger(__name__)
 
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
-# Written next to the prepared data: the settings and counts it was built with.
-MARKER = "embedded_imagenet.json"
+DATASET_NAME = "titok_sample_photos"
 # Train crop sides: below, at and above 256, so both up- and down-sampling happen.
 _TRAIN_SIDES = (192, 256, 320, 400)
-# Suffixes of the injected bad train files: ``<synset>_<suffix>``.
+# File-name suffixes of the injected bad train files: ``<photo>_<suffix>``.
 BAD_EXAMPLES = {
     "truncated": "bad_truncated.JPEG",
     "garbage": "bad_garbage.JPEG",
@@ -61,13 +57,7 @@ BAD_EXAMPLES = {
 
 def class_names() -> list[str]:
     """Photo names in label order: label ``k`` holds crops of ``class_names()[k]``."""
-    return sorted(sample_photos())
-
-
-def imagenet_synsets() -> list[str]:
-    """The 1000 synsets of TFDS's ``imagenet2012`` in label order (from its bundled labels.txt)."""
-    import tensorflow_datasets as tfds
-    return list(tfds.builder("imagenet2012").info.features["label"].names)
+    return sorted(SKIMAGE_PHOTOS)
 
 
 def _jpeg(pixels: np.ndarray | Image.Image, quality: int = 90) -> bytes:
@@ -77,12 +67,8 @@ def _jpeg(pixels: np.ndarray | Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    # A fixed mtime keeps the tars byte-identical across runs.
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
+def _held_out_width(w: int, val_fraction: float) -> int:
+    return max(1, round(w * val_fraction))
 
 
 def _train_crops(photo: np.ndarray, n: int, val_fraction: float,
@@ -100,10 +86,6 @@ def _train_crops(photo: np.ndarray, n: int, val_fraction: float,
         y = rng.integers(0, h - ch + 1)
         crops.append(photo[y:y + ch, x:x + cw])
     return crops
-
-
-def _held_out_width(w: int, val_fraction: float) -> int:
-    return max(1, round(w * val_fraction))
 
 
 def _val_crops(photo: np.ndarray, n: int, val_fraction: float,
@@ -138,62 +120,101 @@ def _bad_files(rng: np.random.Generator) -> dict[str, bytes]:
     }
 
 
-def write_manual_tars(manual_dir: str, *, crops_per_photo: int = 48, val_per_photo: int = 8,
-                      val_fraction: float = 0.4, seed: int = 0,
-                      bad_examples: bool = False) -> dict[str, int]:
-    """Writes ``ILSVRC2012_img_train.tar`` (a tar of per-class tars ``nXXXXXXXX.tar`` of JPEGs
-    ``nXXXXXXXX_<i>.JPEG``) and ``ILSVRC2012_img_val.tar`` (flat ``ILSVRC2012_val_%08d.JPEG``) to
-    ``manual_dir``; deterministic in ``seed``. ``bad_examples`` adds one file of each kind of
-    :data:`BAD_EXAMPLES` to the first class. Returns the number of train and val files."""
-    os.makedirs(manual_dir, exist_ok=True)
-    photos = sample_photos()
-    synsets = imagenet_synsets()
-    rng = np.random.default_rng(seed)
-    val_images: list[np.ndarray] = []
-    num_train = 0
-    with tarfile.open(os.path.join(manual_dir, TRAIN_TAR), "w") as outer:
-        for label, name in enumerate(class_names()):
-            synset = synsets[label]
-            files = {f"{synset}_{i + 1}.JPEG": _jpeg(crop) for i, crop in enumerate(
-                _train_crops(photos[name], crops_per_photo, val_fraction, rng))}
-            if bad_examples and label == 0:
-                files.update({f"{synset}_{BAD_EXAMPLES[kind]}": data
-                              for kind, data in _bad_files(rng).items()})
-            inner = io.BytesIO()
-            with tarfile.open(fileobj=inner, mode="w") as class_tar:
-                for fname, data in files.items():
-                    _add(class_tar, fname, data)
-            _add(outer, f"{synset}.tar", inner.getvalue())
-            num_train += len(files)
-            val_images += _val_crops(photos[name], val_per_photo, val_fraction, rng)
-    with tarfile.open(os.path.join(manual_dir, VAL_TAR), "w") as tar:
-        for i, crop in enumerate(val_images):
-            _add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(crop))
-    return {"train": num_train, "validation": len(val_images)}
+@dataclasses.dataclass(eq=False)
+class SamplePhotosConfig(tfds.core.BuilderConfig):
+    """The settings of one build; :func:`config_name` derives its name from them."""
+    crops_per_photo: int = 48
+    val_per_photo: int = 8
+    val_fraction: float = 0.4
+    seed: int = 0
+    bad_examples: bool = False
 
 
-def prepare_embedded_imagenet(data_dir: str, *, crops_per_photo: int = 48, val_per_photo: int = 8,
-                              val_fraction: float = 0.4, seed: int = 0,
-                              bad_examples: bool = False) -> str:
-    """Builds the embedded dataset as TFDS ``imagenet2012`` (array_record files, for random
-    access) in ``data_dir``, offline, and returns ``data_dir``.
+DEFAULT_SETTINGS = dict(crops_per_photo=48, val_per_photo=8, val_fraction=0.4, seed=0,
+                        bad_examples=False)
 
-    Idempotent: if ``imagenet2012`` is already prepared in ``data_dir`` it returns at once,
-    whatever the arguments were then -- use a fresh ``data_dir`` per setting, and never a data_dir
-    that should hold the real ImageNet. The manual tars stay in ``data_dir/downloads/manual``
-    (TFDS's default manual_dir)."""
-    import tensorflow_datasets as tfds
-    builder = tfds.builder("imagenet2012", data_dir=data_dir, file_format="array_record")
-    if builder.is_prepared():
-        return data_dir
-    settings = dict(crops_per_photo=crops_per_photo, val_per_photo=val_per_photo,
-                    val_fraction=val_fraction, seed=seed, bad_examples=bad_examples)
-    manual_dir = os.path.join(data_dir, "downloads", "manual")
-    counts = write_manual_tars(manual_dir, **settings)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    with open(os.path.join(data_dir, MARKER), "w") as f:
-        json.dump({"settings": settings, "counts": counts, "classes": class_names()}, f, indent=1)
-        f.write("\n")
-    log.info("prepared the embedded imagenet2012 in %s: %s", data_dir, counts)
+
+def config_name(*, crops_per_photo: int, val_per_photo: int, val_fraction: float, seed: int,
+                bad_examples: bool) -> str:
+    """E.g. ``crops48_val8_heldout0p4_seed0`` (``_bad`` appended with the bad examples)."""
+    fraction = re.sub(r"[^0-9a-z]", "p", f"{val_fraction:g}")
+    return (f"crops{crops_per_photo}_val{val_per_photo}_heldout{fraction}_seed{seed}"
+            + ("_bad" if bad_examples else ""))
+
+
+def _config(**settings: Any) -> SamplePhotosConfig:
+    return SamplePhotosConfig(name=config_name(**settings), **settings,
+                              description="Crops of scikit-image's sample photos: "
+                                          + ", ".join(f"{k}={v}" for k, v in settings.items()))
+
+
+def examples(config: SamplePhotosConfig) -> dict[str, list[dict[str, Any]]]:
+    """The examples of both splits (``image`` JPEG bytes, ``label``, ``file_name``),
+    deterministic in the config's settings."""
+    photos = skimage_photos()
+    rng = np.random.default_rng(config.seed)
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for label, name in enumerate(class_names()):
+        files = {f"{name}_train_{i + 1}.JPEG": _jpeg(crop) for i, crop in enumerate(
+            _train_crops(photos[name], config.crops_per_photo, config.val_fraction, rng))}
+        if config.bad_examples and label == 0:
+            files.update({f"{name}_{BAD_EXAMPLES[kind]}": data
+                          for kind, data in _bad_files(rng).items()})
+        out["train"] += [{"image": data, "label": label, "file_name": fname}
+                         for fname, data in files.items()]
+        out["validation"] += [
+            {"image": _jpeg(crop), "label": label, "file_name": f"{name}_val_{i + 1}.JPEG"}
+            for i, crop in enumerate(_val_crops(photos[name], config.val_per_photo,
+                                                config.val_fraction, rng))]
+    return out
+
+
+class TitokSamplePhotos(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of the embedded dataset (see the module docstring); no downloads."""
+
+    name = DATASET_NAME
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Crops of the scikit-image sample photos, own dataset name."}
+    BUILDER_CONFIGS = [_config(**DEFAULT_SETTINGS)]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(names=class_names()),
+                "file_name": tfds.features.Text(),
+            }),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        split_examples = examples(self.builder_config)
+        return {split: self._generate_examples(exs) for split, exs in split_examples.items()}
+
+    def _generate_examples(self, exs: list[dict[str, Any]]) -> Iterator[tuple[str, dict]]:
+        for ex in exs:
+            yield ex["file_name"], ex
+
+
+def builder(data_dir: str, **settings: Any) -> tfds.core.DatasetBuilder:
+    """The embedded dataset's array_record builder in ``data_dir`` for these settings (keyword
+    arguments of :func:`config_name`; defaults for the others), prepared or not."""
+    config = _config(**{**DEFAULT_SETTINGS, **settings})
+    # TFDS refuses a new config object named like a predeclared one: reuse that one.
+    config = TitokSamplePhotos.builder_configs.get(config.name, config)
+    return TitokSamplePhotos(config=config, data_dir=data_dir, file_format="array_record")
+
+
+def prepare_embedded(data_dir: str | None = None, **settings: Any) -> str:
+    """Prepares the embedded dataset (these settings) in ``data_dir``, by default the project
+    cache (:func:`titok_jax.cache.tfds_dir`), offline; returns the data dir. Idempotent: data
+    already prepared with the same settings is reused, other settings go elsewhere."""
+    data_dir = data_dir or cache.tfds_dir()
+    if "://" in data_dir:
+        raise ValueError(f"prepare the embedded dataset on a local disk, not in {data_dir!r}")
+    b = builder(data_dir, **settings)
+    if not b.is_prepared():
+        # Nothing is downloaded; TFDS still wants a download dir: keep it inside data_dir.
+        b.download_and_prepare(download_dir=os.path.join(data_dir, "downloads"))
+        log.info("prepared %s in %s: %s", b.info.full_name, data_dir,
+                 {k: v.num_examples for k, v in b.info.splits.items()})
     return data_dir

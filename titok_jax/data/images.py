@@ -1,37 +1,56 @@
-"""Reading user images for the CLI: any PIL-readable file, converted to RGB, resized and
-center-cropped the way the official eval transform does (shorter side -> size, bicubic with
-antialias, center crop)."""
+"""Image decoding and the official resize arithmetic.
+
+:func:`resized_size`, :func:`center_crop_offsets` and :func:`resize_center_crop` are exactly
+torchvision's ``Resize(size, interpolation=BICUBIC, antialias=True)`` + ``CenterCrop(size)``
+on a PIL image, the official TiTok eval transform: the shorter side becomes ``size``, the longer
+one ``int(size * long / short)`` (truncated), PIL's bicubic filter does the resampling (it
+antialiases when shrinking, which is what torchvision calls on PIL images), and the crop starts
+at ``int(round((side - size) / 2.0))`` (Python's round: halves go to the even neighbour).
+
+User image files (the CLI) are read here too; paths go through ``etils.epath``, so a folder, an
+image or an output PNG may be ``gs://``.
+"""
 from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable
+import re
+from typing import IO, Iterable
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class BadImageError(ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 
-def list_images(spec: str) -> list[str]:
-    """Files of a directory (recursively, known image extensions), or matches of a glob."""
-    if os.path.isdir(spec):
-        found = [os.path.join(root, f) for root, _, files in os.walk(spec) for f in files
-                 if f.lower().endswith(IMAGE_EXTENSIONS)]
-    elif os.path.isfile(spec):
-        found = [spec]
-    else:
-        found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
-    return sorted(found)
+def list_images(spec: str | os.PathLike) -> list[str]:
+    """Files of a directory (recursively, known image extensions), a single file, or matches of
+    a glob, sorted; local or any ``etils.epath`` scheme such as ``gs://`` (whose globs take
+    ``*`` but not ``**``: epath refuses recursive patterns on remote storage)."""
+    text = os.fspath(spec)
+    path = epath.Path(text)
+    if not _GLOB_CHARS.search(text):
+        if path.is_dir():
+            return sorted(os.fspath(epath.Path(root) / f) for root, _, files in path.walk()
+                          for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        return [text] if path.is_file() else []
+    if "://" not in text:
+        return sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+    # Remote glob: list from the last folder before the first wildcard.
+    head = text[: _GLOB_CHARS.search(text).start()].rsplit("/", 1)[0]
+    pattern = text[len(head) + 1:]
+    return sorted(os.fspath(p) for p in epath.Path(head).glob(pattern) if p.is_file())
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Grayscale, palette, CMYK, 16-bit and alpha images -> 8-bit RGB (alpha over white)."""
-    img = ImageOps.exif_transpose(img)
+    """Grayscale, palette, CMYK, 16-bit and alpha images -> 8-bit RGB (alpha over white). The
+    pixels stay as stored: no EXIF rotation (see :func:`load_image` for user files)."""
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -43,31 +62,60 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str) -> Image.Image:
-    """Decodes ``path`` fully as RGB or raises :class:`BadImageError` naming it."""
+def load_image(path: str | os.PathLike | IO[bytes], *, exif_transpose: bool = True
+               ) -> Image.Image:
+    """Decodes a user image file (a path, local or ``gs://``, or a binary file object) fully as
+    RGB, or raises :class:`BadImageError` naming it.
+
+    ``exif_transpose``: apply the EXIF orientation tag first (the default), so a phone photo is
+    reconstructed the way viewers show it and its PNG outputs, which carry no EXIF, line up with
+    it. Dataset records are decoded without it (:func:`titok_jax.data.pipeline.decode_rgb`),
+    as the official pipeline does; pass False for protocol-exact metrics on a folder of dataset
+    images.
+    """
+    is_path = isinstance(path, (str, os.PathLike))
+    name = os.fspath(path) if is_path else getattr(path, "name", "<file object>")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img)
+        if is_path:
+            with epath.Path(path).open("rb") as f:
+                return _decode(f, exif_transpose)
+        return _decode(path, exif_transpose)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadImageError(f"{path}: cannot decode image ({e})") from e
+        raise BadImageError(f"{name}: cannot decode image ({e})") from e
+
+
+def _decode(f: IO[bytes], exif_transpose: bool) -> Image.Image:
+    with Image.open(f) as img:
+        # load() forces the whole decode, so a truncated file fails here, not later.
+        img.load()
+        return to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after torchvision's ``Resize(size)``: shorter side ``size``, longer side
+    ``int(size * long / short)``."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def center_crop_offsets(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of torchvision's ``CenterCrop(size)`` on a ``width`` x ``height`` image."""
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> ``size`` with PIL's bicubic filter, which antialiases when shrinking, as
-    torchvision's ``Resize(size, BICUBIC, antialias=True)`` does; the longer side stays >= size."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    return img.resize((nw, nh), Image.Resampling.BICUBIC)
+    """Shorter side -> ``size`` (:func:`resized_size`) with PIL's bicubic filter, which
+    antialiases when shrinking, as torchvision's ``Resize(size, BICUBIC, antialias=True)`` does
+    on PIL images."""
+    return img.resize(resized_size(*img.size, size), Image.Resampling.BICUBIC)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Shorter side -> ``size`` (bicubic, antialiased), center crop; float32 [size, size, 3] in
-    [0, 1]."""
+    """The official eval transform: :func:`resize_shorter_side`, then the centre crop of
+    :func:`center_crop_offsets`; float32 [size, size, 3] in [0, 1]."""
     img = resize_shorter_side(img, size)
-    nw, nh = img.size
-    left, top = (nw - size) // 2, (nh - size) // 2
+    left, top = center_crop_offsets(*img.size, size)
     img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.float32) / 255.0
 
@@ -76,9 +124,13 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
-def save_png(image: np.ndarray, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(to_uint8(image)).save(path)
+def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes float [H, W, 3] in [0, 1] as an 8-bit PNG (local or e.g. ``gs://``), creating the
+    folder."""
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as f:
+        Image.fromarray(to_uint8(image)).save(f, format="PNG")
 
 
 def side_by_side_grid(pairs: Iterable[tuple[np.ndarray, np.ndarray]], pad: int = 4,

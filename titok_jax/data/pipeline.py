@@ -18,6 +18,16 @@ needs nothing but ``k``: no iterator state to checkpoint, and the seek is O(1).
 
 Evaluation instead gives each host its own slice of the split (``tfds.split_for_jax_process``).
 
+Where the data comes from: :func:`resolve_data_dir` prepares the embedded dataset
+(:mod:`titok_jax.data.embedded`) when asked to and never writes anywhere else; every other
+dataset (``imagenet2012``) is only read, from a data dir prepared beforehand. The data dir may
+be local or ``gs://`` (:func:`check_readable_location`).
+
+Transforms are the official ones to the pixel (:mod:`titok_jax.data.images`): torchvision's
+``Resize(size, BICUBIC, antialias=True)`` + ``RandomCrop`` + ``RandomHorizontalFlip`` for
+training, ``Resize`` + ``CenterCrop`` for evaluation, on images decoded as stored (no EXIF
+rotation, like the official PIL decoding).
+
 Bad examples never stop a run. An undecodable one (truncated, not an image) is replaced by the
 example at the next position of the permutation, so the batch stays full (that example then shows
 up twice); in eval it becomes a masked slot. Grayscale, CMYK, palette, 16-bit and alpha images
@@ -33,6 +43,7 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -41,6 +52,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from titok_jax import cache
+from titok_jax.data import embedded
 from titok_jax.data.images import BadImageError, resize_center_crop, resize_shorter_side, to_rgb
 
 log = logging.getLogger(__name__)
@@ -49,6 +62,23 @@ Batch = dict[str, np.ndarray]
 DatasetArg = str | tfds.core.DatasetBuilder
 # An image transform: (RGB image, size, rng or None) -> float32 [size, size, 3] in [0, 1].
 Transform = Callable[[Image.Image, int, np.random.Generator | None], np.ndarray]
+# URL schemes that TFDS array_record data sources can read. Their reader is array_record's C++
+# one, not etils.epath: it opens local files and, since array_record 0.8.6 (pinned), gs:// with
+# its own GCS client (checked against a GCS emulator in tests/test_data.py); nothing else.
+READABLE_SCHEMES = ("gs",)
+
+
+def check_readable_location(path: str | os.PathLike) -> None:
+    """Raises ValueError, saying what to do, if ``path`` (a TFDS data dir) has a URL scheme that
+    the array_record reader cannot open, so a run fails before it builds anything."""
+    text = os.fspath(path)
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if match and match.group(1).lower() not in READABLE_SCHEMES:
+        raise ValueError(
+            f"data_dir {text!r}: TFDS array_record data sources are read by array_record's own "
+            f"reader, which opens local paths and {', '.join(s + '://' for s in READABLE_SCHEMES)}"
+            f" only, not {match.group(1)}://. Copy the prepared dataset to a local disk (or "
+            f"mount the bucket, e.g. with a FUSE mount) and pass that directory as data_dir.")
 
 
 def decode_rgb(data: bytes) -> tuple[Image.Image, bool]:
@@ -66,8 +96,9 @@ def decode_rgb(data: bytes) -> tuple[Image.Image, bool]:
 
 
 def train_transform(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """The official TiTok train recipe: shorter side -> ``size`` (bicubic, antialiased), random
-    ``size`` x ``size`` crop, random horizontal flip."""
+    """The official TiTok train recipe: torchvision's ``Resize(size, BICUBIC, antialias=True)``
+    (:func:`~titok_jax.data.images.resize_shorter_side`), ``RandomCrop(size)`` (offsets uniform
+    in ``[0, side - size]``) and ``RandomHorizontalFlip()``."""
     arr = np.asarray(resize_shorter_side(img, size))
     top = rng.integers(0, arr.shape[0] - size + 1)
     left = rng.integers(0, arr.shape[1] - size + 1)
@@ -78,7 +109,8 @@ def train_transform(img: Image.Image, size: int, rng: np.random.Generator | None
 
 
 def eval_transform(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Shorter side -> ``size`` (bicubic, antialiased), center crop."""
+    """torchvision's ``Resize(size, BICUBIC, antialias=True)`` + ``CenterCrop(size)``
+    (:func:`~titok_jax.data.images.resize_center_crop`)."""
     return resize_center_crop(img, size)
 
 
@@ -104,8 +136,19 @@ class _HostPipeline:
                  host_slice: bool):
         if per_host_batch < 1:
             raise ValueError(f"per_host_batch must be >= 1, got {per_host_batch}")
-        self.builder = (tfds.builder(dataset, data_dir=data_dir) if isinstance(dataset, str)
-                        else dataset)
+        if isinstance(dataset, str):
+            if data_dir is not None:
+                check_readable_location(data_dir)
+            self.builder = tfds.builder(dataset, data_dir=data_dir)
+        else:
+            self.builder = dataset
+            check_readable_location(dataset.data_dir)
+        if not self.builder.is_prepared():
+            hint = ("set data.embedded=True to prepare it" if self.builder.name ==
+                    embedded.DATASET_NAME else "prepare it with TFDS first (titok-jax only reads "
+                    "it and never writes there)")
+            raise FileNotFoundError(f"TFDS dataset {self.builder.info.full_name} is not prepared "
+                                    f"in {self.builder.data_dir}: {hint}")
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.split = split
@@ -359,13 +402,27 @@ def to_global(batch: Batch, sharding: jax.sharding.Sharding) -> dict[str, jax.Ar
 
 
 def resolve_data_dir(data_config) -> str:
-    """The TFDS data dir of a ``config.data`` block; prepares the embedded photo dataset there
-    first when ``data_config.embedded`` (idempotent, offline)."""
-    data_dir = data_config.data_dir or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    """The TFDS data dir of a ``config.data`` block.
+
+    With ``data_config.embedded`` the dataset must be the embedded one
+    (:data:`~titok_jax.data.embedded.DATASET_NAME`): it is prepared (idempotent, offline) in
+    ``data_dir``, by default the project cache (:func:`titok_jax.cache.tfds_dir`). Any other
+    dataset is only read, never written: from ``data_dir``, by default ``$TFDS_DATA_DIR`` or
+    ``~/tensorflow_datasets`` (the project cache for the embedded dataset)."""
+    dataset, data_dir = data_config.dataset, data_config.data_dir
     if data_config.embedded:
-        from titok_jax.data.embedded import prepare_embedded_imagenet
-        prepare_embedded_imagenet(data_dir)
-    return data_dir
+        if dataset != embedded.DATASET_NAME:
+            raise ValueError(
+                f"data.embedded prepares the embedded dataset {embedded.DATASET_NAME!r}, but "
+                f"data.dataset is {dataset!r}: set data.dataset={embedded.DATASET_NAME} to use "
+                f"the embedded photos, or data.embedded=False to read {dataset!r} as prepared")
+        return embedded.prepare_embedded(data_dir or None)
+    if data_dir:
+        return data_dir
+    if dataset == embedded.DATASET_NAME:
+        return cache.tfds_dir()
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"),
+                                                           "tensorflow_datasets")
 
 
 def first_eval_images(data_config, data_dir: str, n: int, image_size: int) -> np.ndarray:
