@@ -5,9 +5,10 @@ It is never written as, or read as, ``imagenet2012``: a run that asks for ImageN
 ImageNet, and preparing this dataset touches nothing but its own directory
 ``<data_dir>/titok_sample_photos/<config>/<version>``.
 
-- **Classes.** Photo ``k`` of :func:`class_names` (the :data:`~titok_jax.data.samples.
-  SKIMAGE_PHOTOS`, sorted; scikit-learn's optional photos are left out so the content does not
-  depend on what else is installed) is label ``k``, in train and validation alike.
+- **Classes.** Photo ``k`` of :func:`class_names` (``samples.SKIMAGE_PHOTOS``, sorted;
+  scikit-learn's optional photos are left out so the content does not depend on what else is
+  installed) is label ``k``, in train and validation alike (real labels, unlike the old
+  ImageNet-layout build whose validation labels were the first official ones).
 - **Train / held-out.** The left ``1 - val_fraction`` of each photo gives the train crops:
   several scales (some smaller than 256, some larger), aspect ratios between 3:4 and 4:3, so the
   resize + crop transform has real work to do. Validation crops come only from the right
