@@ -148,20 +148,27 @@ def test_folder_with_runlocal_config(file_results, weights, data_dir, tmp_path):
     assert saved["results"] == pytest.approx(file_results["alit"]["results"], rel=1e-6)
 
 
-def test_training_workdir_uses_stored_config_and_ema(file_results, data_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["stage1", "alit"])
+def test_training_workdir_uses_stored_config_and_ema(kind, file_results, weights, data_dir,
+                                                     tmp_path):
     """An Orbax workdir evaluated with no --config: the config comes from the checkpoint's meta,
-    the EMA params of group "tokenizer" are evaluated, the teacher comes from the stored
-    teacher.weights. It equals the evaluation of the same weights as an official file."""
+    the EMA params of group "tokenizer" are evaluated, the frozen VQGAN (stage-1 teacher, ALIT
+    base tokenizer, neither in the train state) comes from the stored teacher.weights. It equals
+    the evaluation of the same weights as an official file."""
     from titok_jax import checkpointing, predict, variants
     from titok_jax.convert import official
-    config = load_config(KINDS["stage1"][1], *[f[len("--config."):] for f in model_flags("stage1")])
+    teacher = VQGAN if kind == "stage1" else weights["alit"]
+    config = load_config(KINDS[kind][1], f"teacher.weights={teacher}",
+                         *[f[len("--config."):] for f in model_flags(kind)
+                           if not f.startswith("--config.teacher.")])
     module = variants.build_model(config.model)
-    ema = official.import_official(official.read_state_dict(STAGE1),
-                                   predict.abstract_params(module, 256), config.model)
+    full = official.import_official(official.read_training_checkpoint(weights[kind]),
+                                    predict.abstract_params(module, 256), config.model)
+    ema = predict.split_frozen(config.model, full)[0]
     live = jax.tree_util.tree_map(np.zeros_like, ema)  # what must NOT be evaluated
     state = {"step": np.int32(3), "params": {"tokenizer": live}, "ema_params": {"tokenizer": ema},
              "opt_state": {"tokenizer": {"count": np.int32(3)}}, "mutable": {"rng": np.int32(0)}}
-    meta = {"step": 3, "task": "titok_stage1",
+    meta = {"step": 3, "task": f"{kind}_test",
             "config": json.loads(config.to_json_best_effort())}
     ckpt = checkpointing.Checkpointer(tmp_path / "workdir" / "checkpoints", keep=1, save_every=1,
                                       async_save=False)
@@ -173,5 +180,5 @@ def test_training_workdir_uses_stored_config_and_ema(file_results, data_dir, tmp
     # The default output: next to the checkpoint, named after the split.
     saved = json.loads((tmp_path / "workdir" / "eval_validation_8.json").read_text())
     assert saved["kind"] == "workdir" and saved["step"] == 3
-    assert saved["results"] == pytest.approx(file_results["stage1"]["results"], rel=1e-6)
+    assert saved["results"] == pytest.approx(file_results[kind]["results"], rel=1e-6)
     assert any(f.startswith("events.out") for f in os.listdir(tmp_path / "workdir"))
