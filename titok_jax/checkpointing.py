@@ -92,7 +92,9 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                                 enable_async_checkpointing=async_save))
+                                                 enable_async_checkpointing=async_save),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def due(self, step: int) -> bool:
         return self.save_every > 0 and step % self.save_every == 0
@@ -213,14 +215,20 @@ def checkpoint_dir(path: str | os.PathLike) -> epath.Path | None:
 
 def read_latest(path: str | os.PathLike) -> tuple[dict, dict, int]:
     """``(state as nested numpy dicts, meta, step)`` of the newest checkpoint of a workdir, with
-    no model or trainer: for evaluation and export of training runs."""
+    no model or trainer: for evaluation and export of training runs. The arrays are restored
+    onto this process's first device, whatever mesh or number of hosts wrote them."""
     directory = checkpoint_dir(path)
     if directory is None:
         raise FileNotFoundError(f"no training checkpoints at {path}")
     ckpt = Checkpointer(directory, keep=1, save_every=0, async_save=False, create=False)
     try:
         step = ckpt.all_steps()[-1]
-        state, meta = ckpt._restore(step, None)
+        tree = ckpt.manager.item_metadata(step)["state"].tree
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+            if hasattr(m, "shape") else m, tree)
+        state, meta = ckpt._restore(step, target)
     finally:
         ckpt.close()
     return jax.device_get(state), meta, step
