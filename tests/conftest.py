@@ -60,6 +60,11 @@ def gcs_emulator():
     * tensorstore (Orbax array data): ``TENSORSTORE_GCS_HTTP_URL`` replaces
       storage.googleapis.com; ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` is a fixed token, so no
       credential search.
+    * TFDS: metadata (``dataset_info.json``, ``features.json``) goes through epath; records of
+      array_record data sources through array_record's own GCS client (google-cloud-cpp), which
+      reads ``CLOUD_STORAGE_EMULATOR_ENDPOINT``.
+    * ``tf.io.gfile`` itself cannot reach the emulator (it resolves www.googleapis.com); nothing
+      of titok-jax should call it on gs:// paths.
     """
     import fsspec.config
     from etils.epath import gpath

@@ -225,6 +225,9 @@ class GcsEmulator:
             # gcsfs >= 2025 first asks the Storage Control gRPC API for the bucket layout, which
             # the emulator lacks (every call would wait for its 60 s timeout): plain GCSFileSystem.
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            # array_record's reader (TFDS array_record data sources) has its own C++ GCS client,
+            # google-cloud-cpp, which takes this endpoint.
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
             # tensorstore's gcs kvstore (Orbax array data) in place of storage.googleapis.com.
             "TENSORSTORE_GCS_HTTP_URL": self.url,
             # tensorstore: a fixed bearer token instead of searching for Google credentials (and

@@ -3,6 +3,7 @@
 folder and the official weight readers. Every test checks what the emulator holds through its
 own JSON API, so nothing can pass by writing a local folder called ``gs:``."""
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -125,3 +126,20 @@ def test_subprocess_reaches_emulator_with_env(gcs_emulator):
     subprocess.run([sys.executable, "-c", code, src, dst], check=True, cwd=ROOT,
                    env={**env, **gcs_emulator.env()}, timeout=120)
     np.testing.assert_array_equal(official.read_state_dict(dst)["y"], 2 * np.arange(6))
+
+
+def test_tfds_dataset_on_gcs(gcs_emulator, data_dir):
+    """A prepared TFDS dataset copied to gs:// reads the same: its dataset_info through epath,
+    its array_record records through array_record's own GCS client."""
+    import tensorflow_datasets as tfds
+    local = epath.Path(next(pathlib.Path(data_dir).rglob("dataset_info.json")).parent)
+    remote = epath.Path(gcs_emulator.new_dir())
+    for f in local.iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    assert any(".array_record-" in n for n in gcs_emulator.objects(os.fspath(remote)))
+    want, got = tfds.builder_from_directory(local), tfds.builder_from_directory(remote)
+    assert got.info.splits["validation"].num_examples == want.info.splits["validation"].num_examples
+    want_src, got_src = want.as_data_source("validation"), got.as_data_source("validation")
+    assert len(got_src) == len(want_src)
+    for i in (0, len(want_src) - 1):
+        jax.tree.map(np.testing.assert_array_equal, got_src[i], want_src[i])

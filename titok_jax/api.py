@@ -198,7 +198,7 @@ def load_tokenizer(name: str, path: str | os.PathLike, *, stage: int | None = No
         ``titok_sl256_vq``, ``titok_ll32_vae``, ``titok_bl64_vae``, ``titok_bl128_vae`` (or the
         official ``tokenizer_titok_*`` names); ignored when ``path`` is a titok-jax folder.
       path: an official state dict (``.bin``/``.pt`` via ``torch.load(weights_only=True)``, or
-        ``.safetensors``) or a titok-jax checkpoint folder.
+        ``.safetensors``) or a titok-jax checkpoint folder, local or ``gs://``.
       stage: 1 for a stage-1 checkpoint (proxy-code head, no pixel decoder); the default is the
         released two-stage tokenizer.
       vqgan_path: the MaskGIT-VQGAN weights. With ``stage=1`` they decode the predicted proxy
