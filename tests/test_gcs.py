@@ -119,13 +119,18 @@ def test_subprocess_reaches_emulator_with_env(gcs_emulator):
     d = gcs_emulator.new_dir()
     src, dst = f"{d}/in.safetensors", f"{d}/out.safetensors"
     official.write_safetensors({"x": np.arange(6, dtype=np.float32)}, src)
-    code = ("import sys; from titok_jax.convert import official as o; "
+    key = f"{epath.Path(d).name}/tensorstore-key"
+    code = ("import sys; import tensorstore as ts; from titok_jax.convert import official as o; "
             "s = o.read_state_dict(sys.argv[1]); "
-            "o.write_safetensors({'y': 2 * s['x']}, sys.argv[2])")
+            "o.write_safetensors({'y': 2 * s['x']}, sys.argv[2]); "
+            "kv = ts.KvStore.open({'driver': 'gcs', 'bucket': sys.argv[3]}).result(); "
+            "kv.write(sys.argv[4], b'from tensorstore').result()")
+    # Only what env() gives: nothing inherited from this process's own emulator settings.
     env = {k: v for k, v in os.environ.items() if k not in gcs_emulator.env()}
-    subprocess.run([sys.executable, "-c", code, src, dst], check=True, cwd=ROOT,
-                   env={**env, **gcs_emulator.env()}, timeout=120)
+    subprocess.run([sys.executable, "-c", code, src, dst, gcs_emulator.bucket, key],
+                   check=True, cwd=ROOT, env={**env, **gcs_emulator.env()}, timeout=120)
     np.testing.assert_array_equal(official.read_state_dict(dst)["y"], 2 * np.arange(6))
+    assert gcs_emulator.read(key) == b"from tensorstore"
 
 
 def test_tfds_dataset_on_gcs(gcs_emulator, data_dir):
