@@ -33,11 +33,12 @@ from etils import epath
 log = logging.getLogger(__name__)
 
 # Config keys that cannot change what a resumed run computes: how often it logs, evaluates and
-# saves, where it reads its inputs from, how many threads decode. Prefix match on dotted keys.
+# saves, where it reads its data from, how many threads decode, the step-0 warm start. Prefix
+# match on dotted keys. (A moved teacher file is a difference: its contents could have changed.)
 NEUTRAL_KEYS = ("log_every", "ckpt_every", "image_every", "eval_every", "evals", "eval.",
                 "keep_ckpts", "num_grid_images", "preemption_check_every", "progress_bar",
-                "data.data_dir", "data.num_threads", "data.embedded", "teacher.weights",
-                "init_from", "allow_config_changes", "checkpoint_fallback")
+                "tensorboard", "data.data_dir", "data.num_threads", "data.embedded", "init_from",
+                "allow_config_changes", "checkpoint_fallback")
 
 
 class CheckpointRestoreError(RuntimeError):

@@ -221,9 +221,11 @@ def cmd_eval(args, overrides: list[str]) -> int:
             "model": config.model.to_dict(), "split": split,
             "evals": args.evals or config.evals}
     runner.write_results(results, out, meta)
-    runner.write_scalars(results, os.path.dirname(out) or ".", checkpoint.step or 0)
+    tensorboard = config.get("tensorboard", True)
+    if tensorboard:
+        runner.write_scalars(results, os.path.dirname(out) or ".", checkpoint.step or 0)
     print(json.dumps(results, indent=2, sort_keys=True))
-    print(f"wrote {out} (and TensorBoard scalars next to it)")
+    print(f"wrote {out}" + (" (and TensorBoard scalars next to it)" if tensorboard else ""))
     return 0
 
 

@@ -100,6 +100,9 @@ def add_run_fields(config, *, runlocal: bool) -> None:
     # checkpoint_fallback (then the newest older one that restores is used).
     config.allow_config_changes = False
     config.checkpoint_fallback = False
+    # TensorBoard event files in the workdir (TensorFlow's writer, tf.io.gfile: local or gs://);
+    # False logs metrics to the console only.
+    config.tensorboard = True
     # Periodic evaluation (titok_jax/evals) of the EMA params every eval_every steps (0: never):
     # comma-separated evaluators from rfid, psnr, ssim, lpips, codebook, linear_probe.
     config.evals = "rfid,psnr,ssim,lpips,codebook"

@@ -141,7 +141,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     grid_images = data_lib.first_eval_images(config.data, data_dir, config.num_grid_images,
                                              task.image_size) if config.image_every else None
 
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=not is_main)
+    writer = metric_writers.create_default_writer(
+        str(workdir) if config.tensorboard else None,
+        just_logging=not (is_main and config.tensorboard))
     report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                              every_steps=config.log_every)
     preempt = checkpointing.PreemptionFlag()
