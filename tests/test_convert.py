@@ -5,11 +5,12 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import DATA, fixture_model_config
 
 import titok_jax
 from titok_jax.convert import official
 from titok_jax.convert.layout import CheckpointMismatchError
+
+from helpers import DATA, fixture_model_config
 
 VQGAN_WEIGHTS = os.path.join(DATA, "maskgit_vqgan_tiny", "weights.safetensors")
 PIXEL = "titok_vq_pixel_tiny"

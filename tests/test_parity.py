@@ -8,10 +8,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import DATA, fixture_model_config
 
 import titok_jax
 from titok_jax.losses import stage1_loss
+
+from helpers import DATA, fixture_model_config
 
 
 def nhwc(a):
