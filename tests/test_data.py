@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from etils.epath import testing as epath_testing
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
@@ -346,48 +345,24 @@ def test_to_global_assembles_a_sharded_batch(photos):
     np.testing.assert_array_equal(np.asarray(arrays["label"]), batch["label"])
 
 
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
-    """``gs://bucket/...`` paths of etils.epath redirected to ``tmp_path/bucket/...``."""
-    from etils.epath import gpath
-    # With TensorFlow installed epath sends gs:// to tf.io.gfile, past the mockable backends.
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+def test_image_files_and_pngs_go_through_epath(gcs_emulator):
+    """PNG outputs, folder listings and image loading on gs:// (the emulator on loopback)."""
+    from etils import epath
 
-    def local(path):
-        return re.sub(r"^gs://", f"{tmp_path}/", os.fspath(path))
-
-    def remote(path):
-        return re.sub(rf"^{re.escape(str(tmp_path))}/", "gs://", os.fspath(path))
-
-    def redirect(fn, path, *args, **kwargs):
-        return fn(local(path), *args, **kwargs)
-
-    def glob(fn, pattern):
-        return [remote(p) for p in fn(local(pattern))]
-
-    def walk(fn, top, **kwargs):
-        for root, dirs, files in fn(local(top), **kwargs):
-            yield remote(root), dirs, files
-
-    mocks = {name: redirect for name in ("exists", "isdir", "listdir", "makedirs", "mkdir",
-                                         "open", "stat")}
-    with epath_testing.mock_epath(glob=glob, walk=walk, **mocks):
-        yield tmp_path
-
-
-def test_image_files_and_pngs_go_through_epath(fake_gcs):
-    out = "gs://bucket/run/recon/a.png"
-    images.save_png(np.linspace(0, 1, 8 * 6 * 3).reshape(8, 6, 3), out)
-    assert (fake_gcs / "bucket/run/recon/a.png").is_file()
-    _random_image(9, 7).save(fake_gcs / "bucket/run/b.jpg")
-    (fake_gcs / "bucket/run/notes.txt").write_text("not an image")
-    expected = ["gs://bucket/run/b.jpg", "gs://bucket/run/recon/a.png"]
-    assert images.list_images("gs://bucket/run") == expected
-    assert images.list_images("gs://bucket/run/*/*.png") == expected[1:]
-    assert images.list_images("gs://bucket/run/b.jpg") == expected[:1]
+    from titok_jax.data.folders import list_images
+    root = gcs_emulator.new_dir()
+    images.save_png(np.linspace(0, 1, 8 * 6 * 3).reshape(8, 6, 3), f"{root}/recon/a.png")
+    assert [o.rsplit("/", 2)[1:] for o in gcs_emulator.objects(root)] == [["recon", "a.png"]]
+    with epath.Path(f"{root}/b.jpg").open("wb") as f:
+        _random_image(9, 7).save(f, format="JPEG")
+    epath.Path(f"{root}/notes.txt").write_text("not an image")
+    expected = [f"{root}/b.jpg", f"{root}/recon/a.png"]
+    assert list_images(root) == expected
+    assert list_images(f"{root}/*/*.png") == expected[1:]
+    assert list_images(f"{root}/b.jpg") == expected[:1]
     assert images.load_image(expected[1]).size == (6, 8)
     with pytest.raises(BadImageError, match="notes.txt"):
-        images.load_image("gs://bucket/run/notes.txt")
+        images.load_image(f"{root}/notes.txt")
 
 
 def test_data_dir_with_an_unreadable_scheme_fails_early():

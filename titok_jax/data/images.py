@@ -12,9 +12,7 @@ image or an output PNG may be ``gs://``.
 """
 from __future__ import annotations
 
-import glob
 import os
-import re
 from typing import IO, Iterable
 
 import numpy as np
@@ -22,30 +20,10 @@ from etils import epath
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class BadImageError(ValueError):
     """An image file that cannot be decoded; the message names the file."""
-
-
-def list_images(spec: str | os.PathLike) -> list[str]:
-    """Files of a directory (recursively, known image extensions), a single file, or matches of
-    a glob, sorted; local or any ``etils.epath`` scheme such as ``gs://`` (whose globs take
-    ``*`` but not ``**``: epath refuses recursive patterns on remote storage)."""
-    text = os.fspath(spec)
-    path = epath.Path(text)
-    if not _GLOB_CHARS.search(text):
-        if path.is_dir():
-            return sorted(os.fspath(epath.Path(root) / f) for root, _, files in path.walk()
-                          for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
-        return [text] if path.is_file() else []
-    if "://" not in text:
-        return sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
-    # Remote glob: list from the last folder before the first wildcard.
-    head = text[: _GLOB_CHARS.search(text).start()].rsplit("/", 1)[0]
-    pattern = text[len(head) + 1:]
-    return sorted(os.fspath(p) for p in epath.Path(head).glob(pattern) if p.is_file())
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
