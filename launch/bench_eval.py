@@ -49,11 +49,10 @@ def bench_eval(variant: str, evals: str, batch: int) -> None:
     model = variants.build_model(config.model)
     size = config.model.image_size
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
-    evaluation = runner.from_config(config, model, None, data_dir, sharding.make_mesh(),
-                                    evals=evals)
-    evaluation({"model": params, "teacher": None})  # compile
+    evaluation = runner.from_config(config, data_dir, sharding.make_mesh(), evals=evals)
+    evaluation({"model": params, "frozen": {}})  # compile
     start = time.perf_counter()
-    results = evaluation({"model": params, "teacher": None})
+    results = evaluation({"model": params, "frozen": {}})
     sec = time.perf_counter() - start
     n = results["num_images"]
     print(f"eval {variant} ({size}px) [{evals}] on {n} images, batch {batch}: {sec:.1f} s, "

@@ -432,4 +432,5 @@ def test_titok_jax_eval_runs_on_alit(alit, data_dir, tmp_path):
     with open(out) as f:
         results = json.load(f)["results"]
     assert 0 < results["psnr"] < 60 and 0 < results["codebook_usage"] <= 1
-    assert 0 <= results["linear_probe_top1"] <= 1
+    # The probe ran on exactly the requested rows (its accuracy is checked in test_evals.py).
+    assert results["linear_probe_num_train"] == 16 and results["num_images"] == 4

@@ -200,6 +200,35 @@ def test_nonfinite_loss_halts_and_keeps_last_checkpoint(data_dir, tmp_path):
     assert 10 in steps and steps[-1] < 20
 
 
+@pytest.mark.parametrize("task", ["titok_stage1", "alit_stage1"])
+def test_nonfinite_step_leaves_the_state_untouched(data_dir, task):
+    """A NaN batch: the step reports it and applies nothing (params, EMA, optimizer, step)."""
+    config = task_config(task, data_dir, *REAL_UPDATES)
+    t = loop.build_trainer(config, sharding.make_mesh())
+    state = t.init_state(jax.random.PRNGKey(0))
+    before = jax.device_get(state)
+    size = config.model.image_size
+    images = np.full((config.global_batch, size, size, 3), np.nan, np.float32)
+    batch = data_lib.to_global({"image": images,
+                                "label": np.zeros(config.global_batch, np.int32)},
+                               t.batch_sharding)
+    state, metrics = t.step(state, batch, 0)
+    assert float(metrics["nonfinite"]) == 1.0
+    after = jax.device_get(state)
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_periodic_evaluation_writes_results(data_dir, tmp_path):
+    config = runlocal(data_dir, "total_steps=2", "log_every=2", "image_every=0", "ckpt_every=0",
+                      "eval_every=2", "evals=psnr", "data.eval_split=validation[:8]")
+    loop.train_and_evaluate(config, str(tmp_path))
+    with open(tmp_path / "eval" / "step_0000002.json") as f:
+        record = json.load(f)
+    assert record["results"]["num_images"] == 8 and record["step"] == 2
+    assert scalars(str(tmp_path), "eval/psnr") == {2: pytest.approx(record["results"]["psnr"])}
+
+
 def test_resume_refuses_changed_config_and_unrestorable_checkpoints(data_dir, tmp_path, caplog):
     base = ("total_steps=4", "ckpt_every=2", "log_every=2", "image_every=0")
     loop.train_and_evaluate(runlocal(data_dir, *base), str(tmp_path))

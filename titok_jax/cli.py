@@ -279,7 +279,9 @@ def cmd_alit_eval(args) -> int:
         total = len(folder)
     else:
         from titok_jax.data import pipeline as data_lib
-        data = ml_collections.ConfigDict(dict(dataset=args.dataset, data_dir=args.data_dir,
+        from titok_jax.data.embedded import DATASET_NAME
+        dataset = DATASET_NAME if args.embedded else args.dataset
+        data = ml_collections.ConfigDict(dict(dataset=dataset, data_dir=args.data_dir,
                                               embedded=args.embedded, num_threads=4))
         batches = alit_eval.dataset_batches(data, data_lib.resolve_data_dir(data), args.split,
                                             args.batch_size, alit.image_size)
@@ -290,7 +292,7 @@ def cmd_alit_eval(args) -> int:
     if not report["num_images"]:
         raise SystemExit("error: no images were evaluated")
     report.update(model=args.model, weights=os.fspath(args.weights),
-                  source=args.images or f"{args.dataset}:{args.split}",
+                  source=args.images or f"{dataset}:{args.split}",
                   halting="bernoulli" if rng is not None else "threshold")
     paths = alit_eval.write_report(report, curves, args.out)
     for r in report["per_iteration"]:
@@ -360,7 +362,8 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--dataset", default="imagenet2012")
     p.add_argument("--data-dir", default="", help="TFDS data dir")
     p.add_argument("--embedded", action="store_true",
-                   help="prepare and use the embedded photo dataset in --data-dir")
+                   help="use the embedded photo dataset (prepared in --data-dir, by default the "
+                        "project cache) instead of --dataset")
     p.add_argument("--thresholds", default="0.03,0.05,0.07,0.09")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=None,

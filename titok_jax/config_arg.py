@@ -121,7 +121,7 @@ def add_run_fields(config, *, runlocal: bool) -> None:
         alit_iteration=-1))       # ALIT: evaluate the tokens of this iteration (-1: the last)
     if runlocal:
         config.eval.batch_size = 8
-        # The embedded validation labels are meaningless: probe on a held-out part of train.
+        # 56 validation images are too few to test a probe: hold out a quarter of train.
         config.eval.probe_train_split = "train[:75%]"
         config.eval.probe_test_split = "train[75%:]"
         config.eval.probe_steps = 300
