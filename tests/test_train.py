@@ -325,10 +325,10 @@ def test_kill_minus_nine_and_resume_is_bitwise(data_dir, tmp_path, arg):
         np.testing.assert_array_equal(x, y)
 
 
-def test_two_processes_match_one(data_dir, tmp_path):
+@pytest.mark.parametrize("arg", ["titok.py:runlocal", "alit.py:runlocal"])
+def test_two_processes_match_one(data_dir, tmp_path, arg):
     args = ["--config.total_steps=3", "--config.log_every=1", "--config.ckpt_every=3",
             *[f"--config.{o}" for o in REAL_UPDATES]]
-    arg = "titok.py:runlocal"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     subprocess.run(_train_cmd(tmp_path / "single", data_dir, arg, *args), check=True, env=env,
                    capture_output=True)
