@@ -277,6 +277,28 @@ def test_checkpoint_without_stored_config_resumes_with_warning(data_dir, tmp_pat
     assert "written before titok-jax stored configs" in caplog.text
 
 
+def test_sigterm_saves_and_stops_then_resumes(data_dir, tmp_path, monkeypatch):
+    """Preemption: SIGTERM during step 3 -> a checkpoint at step 3 and a clean stop; the next
+    run resumes there and finishes."""
+    original, calls = checkpointing.PreemptionFlag.should_stop, []
+
+    def should_stop(self):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+    monkeypatch.setattr(checkpointing.PreemptionFlag, "should_stop", should_stop)
+    config = runlocal(data_dir, "total_steps=6", "ckpt_every=0", "log_every=1", "image_every=0")
+    state = loop.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 3
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    assert not (tmp_path / "export").exists()  # only a finished run exports
+    monkeypatch.setattr(checkpointing.PreemptionFlag, "should_stop", original)
+    state = loop.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 6 and (tmp_path / "export").is_dir()
+    assert sorted(scalars(str(tmp_path), "loss")) == [1, 2, 3, 4, 5, 6]
+
+
 # -- processes: kill -9, multi-process ----------------------------------------------------------
 
 def _train_cmd(workdir, data_dir, arg, *overrides):
