@@ -425,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown or (overrides and args.command not in ("train", "eval")):
         build_parser().error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    from titok_jax.checkpointing import CheckpointRestoreError
     try:
         if args.command in ("train", "eval"):
             return args.func(args, overrides)
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, CheckpointRestoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -97,18 +97,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     workdir = checkpointing.as_path(workdir)
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
     if config.progress_bar:  # the bar shows progress and loss; keep Orbax's INFO lines out of it
         logging.getLogger("absl").setLevel(logging.WARNING)
 
-    # Mesh, task, shardings.
+    # Mesh, task, shardings (a bad config or missing teacher fails before anything is written).
     t = build_trainer(config, sharding.make_mesh())
     task = t.task
 
     # Data: every host reads its slice of each global batch.
     data_dir = data_lib.resolve_data_dir(config.data)
     train_data = input_pipeline(task.input_kind, config, data_dir)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
 
     # Restore (refusing a changed config or an unrestorable checkpoint), or init born sharded.
     ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_ckpts,
