@@ -22,8 +22,9 @@ from titok_jax import checkpointing
 
 from helpers import ROOT
 
-ARGS = ["--config.total_steps=12", "--config.ckpt_every=4", "--config.log_every=4",
-        "--config.optimizer.warmup_steps=0", "--config.image_every=12",
+# Enough steps that the kill, once step 4 is committed, lands well before the end.
+ARGS = ["--config.total_steps=24", "--config.ckpt_every=4", "--config.log_every=4",
+        "--config.optimizer.warmup_steps=0", "--config.image_every=24",
         "--config.num_grid_images=2", "--config.tensorboard=False"]
 
 
@@ -48,21 +49,22 @@ def test_gs_workdir_survives_kill_and_matches_local_run(data_dir, tmp_path, gcs_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not any("/checkpoints/12/" in o for o in gcs_emulator.objects(remote))
+    assert not any(o.endswith("/checkpoints/24/commit_success.txt")
+                   for o in gcs_emulator.objects(remote))
     done = subprocess.run(_train_cmd(remote, data_dir), capture_output=True, env=env, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from step" in done.stderr
 
     # Everything landed in the bucket, nothing in a local folder named "gs:".
     objects = gcs_emulator.objects(remote)
-    for part in ("/checkpoints/12/state/", "/export/params.safetensors", "/export/config.json",
-                 "/images/step_0000012.png", "/reconstructions/grid.png"):
+    for part in ("/checkpoints/24/commit_success.txt", "/export/params.safetensors",
+                 "/export/config.json", "/images/step_0000024.png", "/reconstructions/grid.png"):
         assert any(part in o for o in objects), part
     assert not os.path.exists("gs:") and not os.path.exists(os.path.join(ROOT, "gs:"))
 
     a, _, step_a = checkpointing.read_latest(str(local))
     b, meta, step_b = checkpointing.read_latest(remote)
-    assert step_a == step_b == 12 and meta["task"] == "titok_pixel"
+    assert step_a == step_b == 24 and meta["task"] == "titok_pixel"
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
 
