@@ -115,7 +115,8 @@ def apply_updates(state: TrainState, losses: Mapping[str, jax.Array],
         staged[group] = (updates, opt_state)
         metrics.update({f"{prefix(group)}grad_norm": grad_norm,
                         f"{prefix(group)}update_norm": update_norm,
-                        f"{prefix(group)}learning_rate": opt.schedule(state.step)})
+                        f"{prefix(group)}learning_rate": opt.schedule(
+                            update_count(state.opt_state[group], state.step))})
     params, ema, opt_states = dict(state.params), dict(state.ema_params), dict(state.opt_state)
     for group, (updates, opt_state) in staged.items():
         updates = jax.tree_util.tree_map(lambda u: jnp.where(finite, u, 0.0), updates)
@@ -134,6 +135,14 @@ def apply_updates(state: TrainState, losses: Mapping[str, jax.Array],
                      ema_params=ema, opt_state=opt_states, mutable=new_mutable)
     metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     return new, metrics
+
+
+def update_count(opt_state: Any, default: jax.Array) -> jax.Array:
+    """How many updates a group's optimizer has applied (optax's ``count``): its schedule's
+    position. A discriminator stepped only after its start step has its own count; ``default``
+    when the optimizer keeps none."""
+    counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    return counts[0][1] if counts else default
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
