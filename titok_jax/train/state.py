@@ -68,15 +68,19 @@ def decay_mask(params: Any, name_map: NameMap,
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def adamw(opt_cfg, params: Any, name_map: NameMap, ema_decay: float | None) -> Optimizer:
-    """The official AdamW of a ``config.optimizer`` block for ``params``."""
+def adamw(opt_cfg, params: Any, name_map: NameMap | None,
+          ema_decay: float | None) -> Optimizer:
+    """The official AdamW of a ``config.optimizer`` block for ``params``. Without a name map
+    (a network whose only undecayed parameters are its biases and norms, such as the
+    discriminator), decay applies to every parameter of two or more dimensions."""
     schedule = learning_rate_schedule(opt_cfg)
     no_decay = tuple(opt_cfg.get("no_decay", NO_DECAY_SUBSTRINGS))
+    mask = (jax.tree_util.tree_map(lambda p: p.ndim >= 2, params) if name_map is None
+            else decay_mask(params, name_map, no_decay))
     tx = optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip),
         optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                    weight_decay=opt_cfg.weight_decay,
-                    mask=decay_mask(params, name_map, no_decay)))
+                    weight_decay=opt_cfg.weight_decay, mask=mask))
     return Optimizer(tx, schedule, ema_decay)
 
 

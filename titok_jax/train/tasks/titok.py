@@ -5,7 +5,8 @@
   ``ReconstructionLoss_Stage1``).
 * ``titok_pixel``: mean squared error of the pixel-head reconstruction + quantizer loss (VQ) or
   ``kl_weight`` x KL (VAE): the reconstruction terms of the single-stage recipe, without its
-  perceptual and GAN losses. The CPU quickstart uses it, since it needs no pretrained teacher.
+  perceptual and GAN losses (those are ``titok_single_stage``, ``tasks/titok_gan.py``). The CPU
+  quickstart uses it.
 """
 from __future__ import annotations
 
@@ -72,15 +73,19 @@ class TiTokStage1(_TiTokTask):
         return self._update(state, loss_fn)
 
 
+def check_pixel_model(config, task: str) -> None:
+    """Raises unless ``config.model`` is a single-stage (pixel-head) TiTok."""
+    if config.model.name != "titok" or config.model.is_legacy:
+        raise ValueError(
+            f"task {task} trains the single-stage pixel-head TiTok models (VQ-8k, VAE, "
+            "tiny-pixel, tiny-vae); the two-stage ones (L-32, B-64, S-128) train with "
+            f"titok_stage1, then titok_stage2; config.model is {config.model.get('variant')}")
+
+
 @register("titok_pixel")
 class TiTokPixel(_TiTokTask):
     def check(self, config):
-        if config.model.name != "titok" or config.model.is_legacy:
-            raise ValueError(
-                "task titok_pixel trains single-stage pixel-head TiTok models (VQ-8k, VAE, "
-                "tiny-pixel, tiny-vae). The two-stage models are trained with task "
-                "titok_stage1 (stage=1); their stage 2 (decoder fine-tuning with perceptual and "
-                "GAN losses) is not implemented yet")
+        check_pixel_model(config, self.name)
 
     def train_step(self, state, batch, frozen, key):
         del frozen
