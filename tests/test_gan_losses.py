@@ -124,8 +124,8 @@ def test_discriminator_logits(gan):
 def test_generator_terms_and_gradient(gan, setup):
     """The LPIPS gradient is float32-sensitive at a few spots (near-ties in VGG's max pools and
     near-zero feature norms): against float64, torch's float32 gradient is off by up to 5.2e-6
-    and this one by 9.2e-6 (max |grad| 1.3e-3), at different pixels. So with LPIPS 0.5% of the
-    elements may miss 1e-4 x max (measured: 0.27% at full resolution, none beyond 1e-2 x max)."""
+    and this one by 9.2e-6 (max |grad| 1.3e-3), at different pixels. So with LPIPS 1% of the
+    elements may miss 1e-4 x max (measured: 0.32% of the stored sample, the worst 6.3e-3 x max)."""
     terms, grad = gan["generator"][setup]
     want = gan["manifest"]["setups"][setup]["terms"]
     for key in ("total_loss", "reconstruction_loss", "perceptual_loss", "quantizer_loss",
@@ -133,7 +133,7 @@ def test_generator_terms_and_gradient(gan, setup):
                 "commitment_loss", "codebook_loss"):
         _close_rel(terms[key], want[key], name=key)
     key = f"{setup}/generator_grad_wrt_reconstructions_sub3"
-    outliers = 5e-3 if "lpips" in gan["manifest"]["setups"][setup]["losses_config"][
+    outliers = 1e-2 if "lpips" in gan["manifest"]["setups"][setup]["losses_config"][
         "perceptual_loss"] else 0.0
     _close_grad(_nchw(grad)[:, :, ::3, ::3], gan["ref"][key], key, outliers=outliers)
 
@@ -216,6 +216,24 @@ def test_perceptual_names():
         PerceptualLoss.from_name("convnext_s").load_params()
 
 
+def test_perceptual_precision_choice():
+    """``precision=None`` leaves the network's convolutions and matmuls at JAX's default (only
+    the resize keeps its own HIGHEST); ``"highest"`` sets every one of them."""
+    from titok_jax.gan.convnext import ConvNeXt
+    model = ConvNeXt(TINY_CONVNEXT["convnext_widths"], TINY_CONVNEXT["convnext_depths"])
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    params = {"convnext": abstract["params"]}
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    highest = {}
+    for precision in (None, "highest"):
+        loss = PerceptualLoss.from_name("convnext_s", precision=precision, **TINY_CONVNEXT)
+        text = jax.jit(loss.__call__).lower(params, images, images).as_text()
+        ops = [line for line in text.splitlines() if "convolution" in line or "dot_general" in line]
+        highest[precision] = (sum("HIGHEST" in line for line in ops), len(ops))
+    assert highest["highest"][0] == highest["highest"][1] > 20
+    assert highest[None][0] <= 4
+
+
 def test_adaptive_max_pool_matches_torch():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
@@ -259,6 +277,22 @@ def test_discriminator_import_export(gan, tmp_path):
         import_discriminator(official, abstract)
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         load_discriminator(str(tmp_path / "nowhere.safetensors"), abstract)
+
+
+def test_discriminator_from_torch_file(gan, tmp_path):
+    """A torch file of the official loss module's state dict (weights_only=True)."""
+    torch = pytest.importorskip("torch")
+    state = {f"discriminator.{k}": torch.from_numpy(v)
+             for k, v in export_discriminator(gan["d_params"]).items()}
+    state["ema_real_logits_mean"] = torch.zeros(1)
+    path = tmp_path / "loss_module.pt"
+    torch.save(state, path)
+    params = load_discriminator(str(path), _abstract_discriminator())
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, params, gan["d_params"]))
+    state["discriminator.extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"loss_module\.pt[\s\S]*extra\.weight"):
+        load_discriminator(str(path), _abstract_discriminator())
 
 
 def test_convnext_wrong_architecture():

@@ -86,7 +86,8 @@ def random_convnext_params(seed: int = 0, widths: Sequence[int] = SMALL_WIDTHS,
                            depths: Sequence[int] = SMALL_DEPTHS) -> dict:
     """Randomly initialised ConvNeXt parameters (for tests and smoke runs only)."""
     model = ConvNeXt(tuple(widths), tuple(depths))
-    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
+    init = jax.jit(model.init)  # one compilation instead of op-by-op dispatch
+    return init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
 
 
 def load_torchvision_convnext(path: str | os.PathLike, widths: Sequence[int] = SMALL_WIDTHS,
