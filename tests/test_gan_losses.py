@@ -261,6 +261,16 @@ def test_discriminator_runlocal_size():
     assert jax.eval_shape(disc.apply, params, images).shape == (2, 16, 16, 1)
 
 
+def test_discriminator_init_is_torch_default():
+    """Conv weights and biases ~ U(+-1/sqrt(fan_in)), as PyTorch initialises the official one."""
+    disc = NLayerDiscriminator(hidden_channels=32, num_stages=1)
+    params = jax.jit(disc.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    bound = 1 / np.sqrt(32 * 9)
+    for leaf in ("kernel", "bias"):
+        w = np.asarray(params["blocks_0_0"][leaf])
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound, leaf
+
+
 def test_discriminator_import_export(gan, tmp_path):
     from safetensors.numpy import load_file
     official = load_file(os.path.join(FIXTURE, "discriminator.safetensors"))

@@ -83,20 +83,26 @@ class NLayerDiscriminator(nn.Module):
             raise ValueError(f"expected {self.num_channels} channels, got images {x.shape}")
         act = lambda h: nn.leaky_relu(h, negative_slope=0.1)  # noqa: E731
 
-        def conv(features: int, kernel: int, name: str) -> nn.Conv:
-            return nn.Conv(features, (kernel, kernel), padding="SAME", dtype=self.dtype,
-                           name=name)
+        def conv(h: jax.Array, features: int, kernel: int, name: str) -> jax.Array:
+            # PyTorch's default Conv2d init (the official loss module leaves it as is):
+            # weight and bias ~ U(+-1/sqrt(fan_in)).
+            bound = 1.0 / math.sqrt(kernel * kernel * h.shape[-1])
+            return nn.Conv(
+                features, (kernel, kernel), padding="SAME", dtype=self.dtype, name=name,
+                kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                    key, shape, dtype, -bound, bound))(h)
 
-        h = act(conv(self.hidden_channels, 5, "block_in_0")(x.astype(self.dtype)))
+        h = act(conv(x.astype(self.dtype), self.hidden_channels, 5, "block_in_0"))
         for i in range(self.num_stages):
-            h = conv(self.hidden_channels * 2 ** i, 3, f"blocks_{i}_0")(h)
+            h = conv(h, self.hidden_channels * 2 ** i, 3, f"blocks_{i}_0")
             h = blur_downsample(h, self.blur_kernel_size)
             h = nn.GroupNorm(num_groups=32, epsilon=1e-5, use_fast_variance=False,
                              dtype=self.dtype, name=f"blocks_{i}_2")(h)
             h = act(h)
         h = adaptive_max_pool(h, self.pool_size)
-        h = act(conv(h.shape[-1], 1, "to_logits_0")(h))
-        return conv(1, 5, "to_logits_2")(h).astype(jnp.float32)
+        h = act(conv(h, h.shape[-1], 1, "to_logits_0"))
+        return conv(h, 1, 5, "to_logits_2").astype(jnp.float32)
 
 
 def _strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
