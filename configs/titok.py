@@ -9,7 +9,8 @@ Arguments:
     (pixel L2 + quantizer/KL only, single-stage models). Default: gan, except runlocal: l2.
   runlocal: a CPU-sized run on the embedded photo dataset: the ``tiny-vae`` model (64x64)
     trained on pixels (objective=gan: with LPIPS and the discriminator); stage=1: the ``tiny``
-    VQ model on proxy codes of a tiny VQGAN; stage=2: its decoder fine-tuning (256x256).
+    VQ model on proxy codes of a tiny VQGAN; stage=2: its decoder fine-tuning (256x256);
+    variant=tiny-pixel: a VQ pixel model.
 
 Recipes (``configs/training/TiTok/stage{1,2}/*.yaml``, the TA-TiTok single-stage yaml and the
 maintainers' answer in bytedance/1d-tokenizer#67):
@@ -22,8 +23,8 @@ maintainers' answer in bytedance/1d-tokenizer#67):
   (0.9, 0.999), wd 1e-4, 5k warm-up, cosine to 1e-5 at 500k steps; the discriminator's AdamW
   (lr 1e-4) warms up and decays over the 480k steps it trains.
 * single stage (task titok_single_stage, VQ-8k and VAE): L2 + 1.1 x lpips-convnext_s-1.0-0.1 +
-  quantizer (VQ) or 1e-6 x KL (VAE) + 0.1 x GAN from step 200k, LeCam 0.001; 1M steps at batch
-  256, 10k warm-up.
+  quantizer (VQ, with clustering_vq codebook re-seeding) or 1e-6 x KL (VAE) + 0.1 x GAN from
+  step 200k, LeCam 0.001; 1M steps at batch 256, 10k warm-up.
 
 ConvNeXt-S perceptual losses need torchvision's ``convnext_small`` IMAGENET1K_V1 state dict in
 ``perceptual.convnext_weights`` (.safetensors or .pth, read with weights_only).
@@ -37,8 +38,9 @@ from titok_jax.config_arg import add_run_fields, parse_arg
 def get_config(arg: str | None = None):
     a = parse_arg(arg, variant="L-32", stage=0, objective="", runlocal=False)
     config = ml_collections.ConfigDict()
-    if a.runlocal:
-        variant = {1: "tiny", 2: "tiny"}.get(a.stage, "tiny-vae")
+    if a.runlocal:  # a CPU-sized variant: tiny-vae, tiny (stage 1/2) or the one named
+        variant = (a.variant if a.variant.startswith("tiny")
+                   else {1: "tiny", 2: "tiny"}.get(a.stage, "tiny-vae"))
         config.model = variants.titok_model_config(variant, stage=a.stage or None)
     else:
         variant = a.variant
@@ -112,6 +114,9 @@ def _gan_fields(config, *, stage2: bool, vae: bool, runlocal: bool) -> None:
         discriminator_weight=0.01 if stage2 else 0.1,
         lecam_regularization_weight=0.001, lecam_ema_decay=0.999,
         kl_weight=1e-6, logvar_init=0.0))
+    # The TA-TiTok VQ configs' clustering_vq: dead codes re-seeded from batch features
+    # (CVQ-VAE; titok_jax/models/quantizer.py clustering_update).
+    config.clustering_vq = not stage2 and not vae
     config.perceptual = ml_collections.ConfigDict(dict(
         convnext_weights="",  # torchvision convnext_small IMAGENET1K_V1 state dict
         precision="",         # "" (JAX's default matmul precision) or "highest"

@@ -226,3 +226,60 @@ def test_released_variant_gan_configs_build(variant, tmp_path):
     assert 2 * trained <= moments < 2 * trained + 100  # Adam's two moments, trained part only
     with pytest.raises(ValueError, match="ConvNeXt"):
         task.frozen()
+
+
+# -- clustering_vq --------------------------------------------------------------------------------
+
+def _official_clustering(embedding, z, embed_prob, use_l2_norm, decay=0.99):
+    """The official VectorQuantizer's clustering_vq branch, written out in numpy (float64)."""
+    def normalize(x):
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    flat = z.reshape(-1, z.shape[-1]).astype(np.float64)
+    emb = embedding.astype(np.float64)
+    q, e = (normalize(flat), normalize(emb)) if use_l2_norm else (flat, emb)
+    d = (q ** 2).sum(1, keepdims=True) + (e ** 2).sum(1) - 2 * q @ e.T
+    k = emb.shape[0]
+    usage = np.bincount(d.argmin(1), minlength=k) / flat.shape[0]
+    prob = embed_prob * decay + usage * (1 - decay)
+    feat = flat[d.argmin(0)]
+    w = np.exp(-(prob * k * 10) / (1 - decay) - 1e-3)[:, None]
+    return emb * (1 - w) + feat * w, prob
+
+
+@pytest.mark.parametrize("use_l2_norm", [False, True])
+def test_clustering_update_matches_the_official_formula(use_l2_norm):
+    from titok_jax.models.quantizer import clustering_update
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(16, 4)).astype(np.float32)
+    emb[3] += 6.0  # far from every feature: a dead code, re-seeded
+    z = rng.normal(size=(3, 10, 4)).astype(np.float32)
+    prob = rng.uniform(0, 0.02, size=16).astype(np.float32)
+    prob[3] = 0.0  # never used so far
+    new, new_prob = jax.device_get(clustering_update(emb, z, prob, use_l2_norm=use_l2_norm))
+    ref, ref_prob = _official_clustering(emb, z, prob.astype(np.float64), use_l2_norm)
+    np.testing.assert_allclose(new_prob, ref_prob, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(new, ref, rtol=1e-5, atol=1e-5)
+    if not use_l2_norm:  # (normalised, code 3 is not far from the features)
+        assert np.abs(new[3] - emb[3]).max() > 1.0  # the dead code moved to a feature
+
+
+def test_single_stage_vq_step_reseeds_the_codebook(data_dir):
+    """A titok_single_stage VQ step with clustering_vq: the usage EMA is updated and the new
+    codebook is the re-seeded one plus the optimizer's update."""
+    config = runlocal(data_dir, "global_batch=1", "model.image_size=64", "model.patch_size=8",
+                      arg="titok.py:runlocal,objective=gan,variant=tiny-pixel")
+    assert config.clustering_vq and config.task == "titok_single_stage"
+    t = loop.build_trainer(config, sharding.make_mesh(jax.devices()[:1]))
+    state = t.init_state(jax.random.PRNGKey(0))
+    before = jax.device_get(state)
+    pipe = loop.input_pipeline("images", config, data_dir)
+    batch = data_lib.to_global(pipe.batch(0), t.batch_sharding)
+    pipe.close()
+    state, metrics = t.step(state, batch, 0)
+    after = jax.device_get(state)
+    prob = after.mutable["clustering"]["embed_prob"]
+    assert prob.sum() == pytest.approx(0.01, rel=1e-5)  # (1 - 0.99) x one full assignment
+    moved = np.abs(after.params["tokenizer"]["quantize"]["embedding"]
+                   - before.params["tokenizer"]["quantize"]["embedding"]).max()
+    lr = float(metrics["tokenizer/learning_rate"])
+    assert moved > 10 * lr  # far more than one Adam step: the codes were re-seeded

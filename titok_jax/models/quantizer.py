@@ -101,3 +101,26 @@ class DiagonalGaussian(NamedTuple):
         """KL to N(0, I) summed over channels: ``[B, N]`` for ``[B, N, C]`` latents."""
         return 0.5 * jnp.sum(jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar,
                              axis=-1)
+
+
+def clustering_update(embedding: jax.Array, z: jax.Array, embed_prob: jax.Array, *,
+                      use_l2_norm: bool, decay: float = 0.99) -> tuple[jax.Array, jax.Array]:
+    """One step of the official ``clustering_vq`` (CVQ-VAE) codebook re-seeding, outside the
+    gradient: returns (new codebook, new usage EMA).
+
+    The usage EMA of each code (decay 0.99) over the batch's assignments; each code is pulled
+    towards the batch feature nearest to it (un-normalised ``z``) with weight
+    ``exp(-usage * K * 10 / (1 - decay) - 1e-3)``, so unused codes are replaced by a feature and
+    well-used ones stay. ``z``: the encoder's latents ``[..., C]`` of the whole global batch
+    (under ``jit`` the batch is global, as the official all-gather makes it).
+    """
+    k, c = embedding.shape
+    flat = z.reshape(-1, c).astype(jnp.float32)
+    query = l2_normalize(flat) if use_l2_norm else flat
+    codes = l2_normalize(embedding) if use_l2_norm else embedding
+    ids, dist = nearest_code(query, codes)
+    usage = jnp.mean(jax.nn.one_hot(ids, k, dtype=jnp.float32), axis=0)
+    embed_prob = embed_prob * decay + usage * (1.0 - decay)
+    nearest_feature = flat[jnp.argmin(dist, axis=0)]
+    weight = jnp.exp(-(embed_prob * k * 10.0) / (1.0 - decay) - 1e-3)[:, None]
+    return embedding * (1.0 - weight) + nearest_feature * weight, embed_prob

@@ -80,10 +80,20 @@ class _GanTask(Task):
         params[DISCRIMINATOR] = self.discriminator.init(rng_d, dummy)["params"]
         return params
 
+    def check_clustering(self, config) -> None:
+        if config.clustering_vq and config.model.quantize_mode != "vq":
+            raise ValueError("config.clustering_vq re-seeds a VQ codebook; this model is a "
+                             f"{config.model.quantize_mode}")
+
     def init_mutable(self):
-        # The official loss module's ema_real_logits_mean / ema_fake_logits_mean buffers.
-        return {"lecam": {"ema_real": jnp.zeros((), jnp.float32),
-                          "ema_fake": jnp.zeros((), jnp.float32)}}
+        # The official loss module's ema_real_logits_mean / ema_fake_logits_mean buffers, and
+        # the quantizer's code-usage EMA (embed_prob) under clustering_vq.
+        mutable = {"lecam": {"ema_real": jnp.zeros((), jnp.float32),
+                             "ema_fake": jnp.zeros((), jnp.float32)}}
+        if self.config.clustering_vq:
+            mutable["clustering"] = {"embed_prob": jnp.zeros((self.config.model.codebook_size,),
+                                                             jnp.float32)}
+        return mutable
 
     def optimizers(self, abstract_params):
         return {
@@ -106,16 +116,18 @@ class _GanTask(Task):
         return "gan" if step >= self.losses.discriminator_start else "generator"
 
     def _forward(self, params, frozen, images, key):
-        """(reconstruction, quantizer terms or None, per-image KL or None, extra metrics)."""
+        """(reconstruction, quantizer terms or None, per-image KL or None, extra metrics,
+        encoder latents)."""
         vae = self.config.model.quantize_mode == "vae"
         out = self.model.apply({"params": self.model_params(params, frozen)}, images,
                                rng=key if vae else None)
         if vae:
-            return out.decoded, None, out.posterior.kl(), {}
+            return out.decoded, None, out.posterior.kl(), {}, out.encoder_out
         q = out.quantizer
         terms = {"quantizer_loss": q.quantizer_loss, "commitment_loss": q.commitment_loss,
                  "codebook_loss": q.codebook_loss}
-        return out.decoded, terms, None, codebook_stats(out.ids, self.config.model.codebook_size)
+        stats = codebook_stats(out.ids, self.config.model.codebook_size)
+        return out.decoded, terms, None, stats, out.encoder_out
 
     def _step(self, state, batch, frozen, key, *, gan: bool):
         from titok_jax.gan.losses import discriminator_loss, generator_loss
@@ -125,18 +137,20 @@ class _GanTask(Task):
         gan_on = jnp.asarray(gan)
 
         def g_loss(params):
-            recon, quant, kl, extra = self._forward(params, frozen, images, key)
+            recon, quant, kl, extra, z = self._forward(params, frozen, images, key)
             perceptual = self.perceptual(frozen["perceptual"], images, recon)
             logits_fake = disc.apply({"params": d_params}, recon) if gan else None
             total, terms = generator_loss(self.losses, images, recon, perceptual=perceptual,
                                           logits_fake=logits_fake, gan_on=gan_on,
                                           quantizer=quant, kl=kl)
-            return total, ({**terms, **extra}, recon)
+            return total, ({**terms, **extra}, recon, z)
 
-        (g_total, (terms, recon)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(
+        (g_total, (terms, recon, z)), g_grads = jax.value_and_grad(g_loss, has_aux=True)(
             state.params[self.group])
-        losses, grads, mutable = {"generator": g_total}, {self.group: g_grads}, None
+        losses, grads, mutable = {"generator": g_total}, {self.group: g_grads}, {}
         metrics = {"loss": g_total, **terms}
+        if self.config.clustering_vq:
+            state, mutable["clustering"] = self._reseed_codebook(state, z, g_total, g_grads)
         if gan:
             fake = jax.lax.stop_gradient(recon)
             lecam = state.mutable["lecam"]
@@ -153,13 +167,28 @@ class _GanTask(Task):
                 d_loss, has_aux=True)(d_params)
             losses["discriminator"] = d_total
             grads[DISCRIMINATOR] = d_grads
-            mutable = {"lecam": new_lecam}
+            mutable["lecam"] = new_lecam
             metrics.update(d_terms)
             metrics.update({"lecam_ema_real": new_lecam["ema_real"],
                             "lecam_ema_fake": new_lecam["ema_fake"]})
         new, update_metrics = apply_updates(state, losses, grads, self.optimizers(state.params),
-                                            mutable=mutable)
+                                            mutable=mutable or None)
         return new, {**metrics, **update_metrics}
+
+    def _reseed_codebook(self, state, z, loss, grads):
+        """The official ``clustering_vq``: the codebook is re-seeded in the forward pass, before
+        the optimizer step, which then updates the re-seeded values (as torch replaces
+        ``embedding.weight.data`` and then steps). A non-finite step re-seeds nothing."""
+        from titok_jax.models.quantizer import clustering_update
+        tok = state.params[self.group]
+        old = tok["quantize"]["embedding"]
+        prob = state.mutable["clustering"]["embed_prob"]
+        new, new_prob = clustering_update(old, jax.lax.stop_gradient(z), prob,
+                                          use_l2_norm=self.config.model.use_l2_norm)
+        ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+        tok = {**tok, "quantize": {**tok["quantize"], "embedding": jnp.where(ok, new, old)}}
+        state = state.replace(params={**state.params, self.group: tok})
+        return state, {"embed_prob": new_prob}
 
     # -- warm start -------------------------------------------------------------------------
     def warm_start(self, state, path):
@@ -182,6 +211,7 @@ class _GanTask(Task):
 class TiTokSingleStage(_GanTask):
     def check(self, config):
         check_pixel_model(config, self.name)
+        self.check_clustering(config)
 
 
 @register("titok_stage2")
@@ -208,6 +238,9 @@ class TiTokStage2(_GanTask):
                 "official stage-1 file, a titok-jax stage-1 folder or workdir (its encoder, "
                 "quantizer and latent tokens are kept frozen)")
         _require_exists(config.init_from, "config.init_from (the stage-1 checkpoint)")
+        if config.clustering_vq:
+            raise ValueError("config.clustering_vq re-seeds the codebook, which stage 2 keeps "
+                             "frozen: set it to False")
         if config.teacher.weights:
             _require_exists(config.teacher.weights,
                             "config.teacher.weights (the MaskGIT-VQGAN of the pixel decoder)")
