@@ -88,7 +88,8 @@ def generator_loss(cfg: LossConfig, inputs: jax.Array, reconstructions: jax.Arra
     """The official ``_forward_generator``: returns (total, terms with the official names).
 
     perceptual: the perceptual module's mean over the batch. logits_fake: the discriminator on
-    ``reconstructions`` (None when the GAN is disabled by config). quantizer: VQ terms
+    ``reconstructions`` (may be None when the GAN term is off: disabled by config, or a step
+    compiled for before ``discriminator_start``). quantizer: VQ terms
     (``quantizer_loss``, ``commitment_loss``, ``codebook_loss``); kl: per-image-and-token KL
     ``[B, N]`` of a VAE, whose reconstruction term is divided by ``exp(logvar_init)``.
     """
