@@ -185,6 +185,32 @@ def test_gan_losses_keys_round_trip_and_missing_keys(run, tmp_path):
     assert "1 missing keys" in str(e.value)
 
 
+def test_warm_start_from_a_stage1_folder_or_workdir(run, tmp_path):
+    """A titok-jax folder (a stage-1 export holds the whole ALIT tree, VQGAN included) or a
+    finished workdir's export/: the tokenizer and its EMA load, the discriminators keep their
+    init; a folder that is neither is refused."""
+    from titok_jax.convert import native
+    t, config = run["trainer"], run["config"]
+    final = run["states"][-1]
+    native.save_native(tmp_path / "stage1" / "export", config.model,
+                       final.ema_params["tokenizer"])
+    fresh = t.init_state(jax.random.PRNGKey(1))
+    discriminators = jax.device_get(fresh.params["discriminators"])
+    for path in (tmp_path / "stage1", tmp_path / "stage1" / "export"):
+        state = jax.device_get(t.task.warm_start(fresh, str(path)))
+        for got in (state.params["tokenizer"], state.ema_params["tokenizer"]):
+            for a, b in zip(jax.tree_util.tree_leaves(got),
+                            jax.tree_util.tree_leaves(final.ema_params["tokenizer"])):
+                np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(state.params["discriminators"]),
+                        jax.tree_util.tree_leaves(discriminators)):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="neither a titok-jax tokenizer folder nor a finished"):
+        t.task.warm_start(fresh, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.init_from not found"):
+        tasks_lib.get(runlocal("", "init_from=/no/such/checkpoint.pth", arg=STAGE2))
+
+
 @pytest.mark.slow
 def test_eight_devices_fsdp_equal_one(data_dir):
     """Discriminator, discriminator and generator step (GAN on from epoch 0, real updates) on 8

@@ -165,6 +165,8 @@ class ALITStage2(Task):
                              "to its official checkpoint (its ema is read) or titok-jax folder "
                              "(or a finished stage-1 workdir); alit.allow_random_init=True "
                              "starts from random weights (tests only)")
+        if config.init_from and not epath.Path(config.init_from).exists():
+            raise FileNotFoundError(f"config.init_from not found: {config.init_from}")
         if a.steps_per_epoch < 1:
             raise ValueError(f"alit.steps_per_epoch must be >= 1, got {a.steps_per_epoch}")
         starts = list(a.gan_start_epochs)
