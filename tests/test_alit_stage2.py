@@ -133,6 +133,15 @@ def test_resume_through_the_checkpointer_is_bitwise(run, tmp_path):
     finally:
         ckpt.close()
     assert step == 3
+    # titok-jax eval reads the workdir: the whole EMA tree, the trained VQGAN included.
+    from titok_jax.evals.checkpoints import Checkpoint
+    source = Checkpoint(str(tmp_path))
+    params = source.params(source.config(config.copy_and_resolve_references()))
+    read = {**params["model"], **params["frozen"]}
+    want = run["states"][3].ema_params["tokenizer"]
+    assert jax.tree_util.tree_structure(read) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(read), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(a, b)
     for s in range(3, len(KINDS)):
         state, _ = t.step(state, data_lib.to_global(run["pipe"].batch(s), t.batch_sharding), s)
     straight, resumed = run["states"][-1], jax.device_get(state)

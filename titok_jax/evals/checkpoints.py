@@ -97,7 +97,13 @@ class Checkpoint:
         abstract = predict.abstract_params(module, model_cfg.get("image_size", 256))
         what = f"{model_cfg.name} ({self.path})"
         if self.kind == "workdir":
-            trainable = check_params(self.tokenizer_params(),
+            tree = self.tokenizer_params()
+            if predict.ALIT_FROZEN in tree and model_cfg.name == "alit":
+                # ALIT stage 2 trains its VQGAN: the workdir holds the whole tree.
+                full = check_params(tree, abstract, what)
+                trainable, frozen = predict.split_frozen(model_cfg, full)
+                return {"model": trainable, "frozen": frozen}
+            trainable = check_params(tree,
                                      predict.split_frozen(model_cfg, abstract)[0], what)
             return {"model": trainable, "frozen": predict.load_frozen(config)}
         if self.kind == "folder":
