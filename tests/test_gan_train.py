@@ -70,17 +70,24 @@ def _steps(config, mesh, data_dir, n):
                                                      "tokenizer/grad_norm",
                                                      "discriminator/grad_norm")])
     pipe.close()
-    return init, jax.device_get(state), np.array(history)
+    sharded = {g: any(not sh.is_fully_replicated for sh in jax.tree_util.tree_leaves(tree))
+               for g, tree in t.state_shardings.params.items()}
+    return init, jax.device_get(state), np.array(history), sharded
 
 
-def test_gan_eight_devices_equal_one(data_dir):
+def test_gan_eight_devices_fsdp_equal_one(data_dir):
     # Adam's eps raised from 1e-8 to 1e-3: with 1e-8 an element whose gradient is round-off
     # moves by +-lr either way (the sign of noise), which no sharding can reproduce; with 1e-3
     # the update is continuous in the gradient, so the comparison stays tight.
     config = runlocal(data_dir, "losses.discriminator_start=0", *REAL, "optimizer.eps=1e-3",
                       "discriminator_optimizer.eps=1e-3", arg=GAN)
-    init, one, h1 = _steps(config, sharding.make_mesh(jax.devices()[:1]), data_dir, 2)
-    _, eight, h8 = _steps(config, sharding.make_mesh(jax.devices()), data_dir, 2)
+    init, one, h1, _ = _steps(config, sharding.make_mesh(jax.devices()[:1]), data_dir, 2)
+    # 8 devices with FSDP: the generator's and the discriminator's large parameters and their
+    # optimizer states are sharded over the data axis.
+    config.unlock()
+    config.mesh.fsdp, config.mesh.fsdp_min_size = True, 2 ** 12
+    _, eight, h8, sharded = _steps(config, sharding.make_mesh(jax.devices()), data_dir, 2)
+    assert sharded == {"tokenizer": True, "discriminator": True}
     # The first step agrees to float round-off; the second inherits the first update's
     # round-off through both networks (lr 1e-3), hence 1e-4.
     np.testing.assert_allclose(h1[0], h8[0], rtol=1e-5)
