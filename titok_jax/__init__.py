@@ -10,7 +10,8 @@ os.environ.setdefault("EPATH_USE_TF", "0")
 from titok_jax.alit import ALITTokenizer, load_alit
 from titok_jax.api import VQGAN, Tokenizer, check_images, export_pytorch, load_tokenizer, load_vqgan
 from titok_jax.convert.layout import CheckpointMismatchError
+from titok_jax.generator import load_generator
 
 __all__ = ["ALITTokenizer", "CheckpointMismatchError", "Tokenizer", "VQGAN", "check_images",
-           "export_pytorch", "load_alit", "load_tokenizer", "load_vqgan"]
+           "export_pytorch", "load_alit", "load_generator", "load_tokenizer", "load_vqgan"]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from typing import Any
 import ml_collections
 
 from titok_jax.models.alit import ALIT
+from titok_jax.models.maskgit import GeneratorArch, ImageBert, UViTBert
 from titok_jax.models.maskgit_vqgan import MaskGITVQGAN, VQGANArch
 from titok_jax.models.titok import TiTok, ViTArch
 
@@ -200,3 +201,64 @@ def model_config_for(name: str) -> ml_collections.ConfigDict:
         return alit_model_config(name)
     raise ValueError(f"unknown model {name!r}; known: "
                      f"{sorted(MODEL_NAMES) + sorted(ALIT_VARIANTS) + sorted(VQGAN_NAMES)}")
+
+
+# MaskGIT generators over TiTok tokens (configs/infer/TiTok/*.yaml): the model and the official
+# sampling settings (``sample_imagenet_titok.py`` turns softmax-temperature annealing on).
+_BERT_768 = dict(arch="bert", hidden_size=768, num_layers=24, num_heads=16,
+                 intermediate_size=3072)
+GENERATOR_VARIANTS: dict[str, dict[str, Any]] = {
+    "titok_l32": dict(codebook_size=4096, num_tokens=32, **_BERT_768),
+    "titok_b64": dict(codebook_size=4096, num_tokens=64, **_BERT_768),
+    "titok_s128": dict(codebook_size=4096, num_tokens=128, arch="uvit", hidden_size=1024,
+                       num_layers=20, num_heads=16, intermediate_size=4096),
+}
+GENERATOR_SAMPLING: dict[str, dict[str, Any]] = {
+    "titok_l32": dict(num_sample_steps=8, randomize_temperature=9.5, guidance_scale=4.5,
+                      guidance_decay="linear", guidance_scale_pow=3.0,
+                      softmax_temperature_annealing=True),
+    "titok_b64": dict(num_sample_steps=8, randomize_temperature=11.0, guidance_scale=3.0,
+                      guidance_decay="linear", guidance_scale_pow=3.0,
+                      softmax_temperature_annealing=True),
+    "titok_s128": dict(num_sample_steps=64, randomize_temperature=2.8, guidance_scale=6.9,
+                       guidance_decay="power-cosine", guidance_scale_pow=3.0,
+                       softmax_temperature_annealing=True),
+}
+# The defaults of the official ``ImageBert.generate``, for models without a sampling entry.
+GENERATE_DEFAULTS: dict[str, Any] = dict(
+    num_sample_steps=8, randomize_temperature=4.5, guidance_scale=3.0, guidance_decay="constant",
+    guidance_scale_pow=3.0, softmax_temperature_annealing=False)
+GENERATOR_NAMES: dict[str, str] = {
+    **{k: k for k in GENERATOR_VARIANTS},
+    **{f"generator_{k}_imagenet": k for k in GENERATOR_VARIANTS},  # the official HF repo names
+}
+_GENERATOR_KEYS = {"name", "variant", "arch", "hidden_size", "num_layers", "num_heads",
+                   "intermediate_size", "codebook_size", "num_tokens", "num_classes", "dropout",
+                   "attn_dropout", "dtype"}
+
+
+def generator_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """The ``config.model`` block of a generator (``titok_l32``, ``titok_b64``, ``titok_s128``
+    or an official ``generator_titok_*_imagenet`` name); ``overrides`` replace fields."""
+    variant = _lookup(GENERATOR_NAMES, name, "generator")
+    cfg = ml_collections.ConfigDict(dict(
+        name="maskgit", variant=variant, num_classes=1000, dropout=0.1, attn_dropout=0.1,
+        dtype="float32", **GENERATOR_VARIANTS[variant]))
+    _check_keys(ml_collections.ConfigDict(overrides), _GENERATOR_KEYS)
+    cfg.update(overrides)
+    return cfg
+
+
+def build_generator(cfg: ml_collections.ConfigDict | dict):
+    """The Flax module (``ImageBert`` or ``UViTBert``) of a generator ``config.model`` block."""
+    import jax.numpy as jnp
+    cfg = ml_collections.ConfigDict(dict(cfg))
+    _check_keys(cfg, _GENERATOR_KEYS)
+    arch = GeneratorArch(
+        cfg.arch, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size,
+        cfg.codebook_size, cfg.num_tokens, num_classes=cfg.get("num_classes", 1000),
+        dropout=cfg.get("dropout", 0.1), attn_dropout=cfg.get("attn_dropout", 0.1))
+    models = {"bert": ImageBert, "uvit": UViTBert}
+    if cfg.arch not in models:
+        raise ValueError(f"unknown generator arch {cfg.arch!r}; expected 'bert' or 'uvit'")
+    return models[cfg.arch](arch, jnp.dtype(cfg.get("dtype", "float32")))

@@ -58,8 +58,20 @@ ALIT_MAP = NameMap(
 )
 
 
+# The MaskGIT generators. ImageBert's HF ``nn.Embedding`` tables and UViTBert's ``embeddings``
+# are ``<name>.weight`` (not ``<name>.embedding.weight``); checkpoints written by older
+# transformers also carry the constant buffer ``model.embeddings.position_ids``.
+GENERATOR_MAP = NameMap(
+    "MaskGIT generator (bytedance/1d-tokenizer ImageBert / UViTBert layout)",
+    list_names=("layer", "in_blocks", "out_blocks"),
+    overrides=((r"embeddings/embedding$", IDENTITY, (r"\.embedding\.weight$", ".weight")),),
+    ignored=(r"^model\.embeddings\.position_ids$",),
+)
+
+
 def name_map_for(model_config) -> NameMap:
-    return {"maskgit_vqgan": VQGAN_MAP, "alit": ALIT_MAP}.get(model_config.name, TITOK_MAP)
+    maps = {"maskgit_vqgan": VQGAN_MAP, "alit": ALIT_MAP, "maskgit": GENERATOR_MAP}
+    return maps.get(model_config.name, TITOK_MAP)
 
 
 def _to_numpy(value) -> np.ndarray:
