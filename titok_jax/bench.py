@@ -2,6 +2,7 @@
 the peak used for model FLOP utilisation (MFU)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -9,7 +10,7 @@ import sys
 import time
 import types
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,17 @@ def compiled_flops(compiled: Any) -> float:
     analysis = compiled.cost_analysis() or {}
     entries = analysis if isinstance(analysis, (list, tuple)) else [analysis]
     return float(sum(entry.get("flops", 0.0) for entry in entries))
+
+
+def compiled_timing(fn: Callable[..., Any], args: tuple, warmup: int,
+                    iters: int) -> dict[str, float]:
+    """Compiles ``jax.jit(fn)`` for ``args`` and times it: ``compile_s``, ``s`` (median per
+    call after ``warmup``) and ``flops`` (cost analysis). ``args`` are not donated."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), warmup, iters)
+    return {"compile_s": compile_s, "s": seconds, "flops": compiled_flops(compiled)}
 
 
 def measured_matmul_gflops(n: int = 2048, iters: int = 5) -> float:
@@ -162,3 +174,44 @@ def load_official_alit(src: str) -> Callable[..., Any] | None:
         model.train_stage = "full_finetuning"  # pixels from the soft code (the eval path)
         return model.eval()
     return build
+
+
+def load_official_gan_losses(src: str) -> dict[str, Any] | None:
+    """The official GAN-phase pieces, ``{"stage2": ReconstructionLoss_Stage2, "single_stage":
+    ReconstructionLoss_Single_Stage, "ema": EMAModel}``, or None with the reason printed.
+
+    Call after ``load_official_titok`` (its bare ``modeling`` packages). ``losses.py`` also
+    imports the official diffusion head and torchvision (for ConvNeXt-S and LPIPS's VGG16)."""
+    if importlib.util.find_spec("torchvision") is None:
+        print("[official] GAN step skipped: missing packages; pip install torchvision")
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from modeling.modules.ema_model import EMAModel
+            from modeling.modules.losses import (
+                ReconstructionLoss_Single_Stage,
+                ReconstructionLoss_Stage2,
+            )
+    except (ImportError, RuntimeError, OSError) as err:  # torchvision's C++ ops raise RuntimeError
+        print(f"[official] GAN step skipped: {type(err).__name__}: {err}")
+        return None
+    return {"stage2": ReconstructionLoss_Stage2, "single_stage": ReconstructionLoss_Single_Stage,
+            "ema": EMAModel}
+
+
+@contextlib.contextmanager
+def official_random_perceptual() -> Iterator[None]:
+    """While open, the official ``PerceptualLoss`` builds with random networks: torchvision's
+    ``convnext_small`` and ``vgg16`` get ``weights=None`` and LPIPS skips loading its linear
+    heads. Both would otherwise download ImageNet/LPIPS weights; random ones time the same."""
+    from modeling.modules import lpips
+    from torchvision import models
+    saved = models.convnext_small, models.vgg16, lpips.LPIPS.load_pretrained
+    models.convnext_small = lambda weights=None, **kw: saved[0](weights=None, **kw)
+    models.vgg16 = lambda weights=None, **kw: saved[1](weights=None, **kw)
+    lpips.LPIPS.load_pretrained = lambda self: None
+    try:
+        yield
+    finally:
+        models.convnext_small, models.vgg16, lpips.LPIPS.load_pretrained = saved
