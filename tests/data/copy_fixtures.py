@@ -22,7 +22,12 @@ FIXTURES = {
     "titok_stage1_tiny": True,
     "titok_vq_pixel_tiny": True,
     "titok_vae_tiny": True,
+    # MaskGIT generators: the .npy arrays go into reference.npz like the others; their sampler
+    # and MLM-loss replays are copied as they are (GENERATOR_EXTRAS).
+    "generator_imagebert_tiny": True,
+    "generator_uvit_tiny": True,
 }
+GENERATOR_EXTRAS = ("sampling.npz", "replays.json", "mlm_loss.npz")
 
 
 def main(src: str) -> None:
@@ -46,6 +51,9 @@ def main(src: str) -> None:
         if keep_weights:
             shutil.copy(os.path.join(src, name, "weights.safetensors"),
                         os.path.join(out, "weights.safetensors"))
+        if name.startswith("generator_"):
+            for extra in GENERATOR_EXTRAS:
+                shutil.copy(os.path.join(src, name, extra), os.path.join(out, extra))
     copy_alit(src, dst)
     copy_train_steps(src, dst)
     copy_gan_losses(src, dst)
