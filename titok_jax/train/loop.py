@@ -81,12 +81,15 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
                    jax.jit(init, out_shardings=state_shardings), steps, batch_sharding)
 
 
-def input_pipeline(kind: str, config: ml_collections.ConfigDict, data_dir: str):
-    """The training batches a task reads; ``batch(step)`` is a pure function of (seed, step)."""
+def input_pipeline(kind: str, config: ml_collections.ConfigDict, data_dir: str,
+                   image_size: int | None = None):
+    """The training batches a task reads; ``batch(step)`` is a pure function of (seed, step).
+    ``image_size``: the task's (default ``config.model.image_size``; a generator's model block
+    has none, its tokenizer's images set it)."""
     if kind == "images":
         return data_lib.TrainPipeline(
             dataset=config.data.dataset, data_dir=data_dir, split=config.data.train_split,
-            global_batch=config.global_batch, image_size=config.model.image_size,
+            global_batch=config.global_batch, image_size=image_size or config.model.image_size,
             seed=config.seed, num_threads=config.data.num_threads)
     raise ValueError(f"no input pipeline for batches of kind {kind!r}")
 
@@ -106,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # Data: every host reads its slice of each global batch.
     data_dir = data_lib.resolve_data_dir(config.data)
-    train_data = input_pipeline(task.input_kind, config, data_dir)
+    train_data = input_pipeline(task.input_kind, config, data_dir, task.image_size)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
 

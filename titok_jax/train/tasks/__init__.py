@@ -47,4 +47,4 @@ def get(config: ml_collections.ConfigDict) -> Task:
 
 
 def _load() -> None:
-    from titok_jax.train.tasks import alit, titok, titok_gan  # noqa: F401  (register themselves)
+    from titok_jax.train.tasks import alit, maskgit, titok, titok_gan  # noqa: F401  (register themselves)

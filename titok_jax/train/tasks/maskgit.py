@@ -1,0 +1,180 @@
+"""MaskGIT generator training on TiTok tokens (official ``train_maskgit.py``, ``MLMLoss``).
+
+One parameter group, ``generator`` (ImageBert or UViTBert, with its EMA). The frozen part is a
+TiTok VQ tokenizer that turns each image batch into token ids inside the jitted step, as the
+official on-the-fly tokenization does (pre-tokenized data is not read yet). Each step:
+
+1. ids = the tokenizer's quantizer ids of the batch (no gradient; their codebook usage and
+   perplexity are logged);
+2. the official masking (``losses.mask_tokens``) and class-label dropout, from the step's key;
+3. logits of the masked ids in train mode (dropout on), label-smoothed cross-entropy weighted
+   1 on masked and ``unmasked_weight`` on unmasked positions (``losses.mlm_loss``);
+4. AdamW + EMA updates.
+
+Predictions: :meth:`MaskGITGenerator.predictor` gives class-conditional *samples* (labels
+``0..B-1``, fixed noise) decoded by the tokenizer, not reconstructions, so the configs turn the
+loop's image grids and reconstruction evaluators off (``image_every = eval_every =
+num_grid_images = 0``; a non-zero ``eval_every`` is refused). The export is the EMA generator
+as a titok-jax folder that :func:`titok_jax.load_generator` reads.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from etils import epath
+
+from titok_jax import predict, sampling, variants
+from titok_jax.convert.official import name_map_for
+from titok_jax.losses import MaskDraws, mlm_inputs, mlm_loss
+from titok_jax.train.state import TrainState, adamw, apply_updates
+from titok_jax.train.tasks import register
+from titok_jax.train.tasks.base import Task
+from titok_jax.train.tasks.titok import codebook_stats
+
+log = logging.getLogger(__name__)
+
+
+@register("maskgit_generator")
+class MaskGITGenerator(Task):
+    """A MaskGIT generator (``config.model``) on the tokens of ``config.tokenizer``."""
+
+    group = "generator"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model = variants.build_generator(config.model)
+        self.tokenizer_config = config.tokenizer.model
+        self.tokenizer = variants.build_model(self.tokenizer_config)
+        self.image_size = self.tokenizer_config.image_size
+        self.check(config)
+
+    def check(self, config):
+        gen, tok = config.model, config.tokenizer.model
+        if tok.name != "titok" or tok.quantize_mode != "vq":
+            raise ValueError("task maskgit_generator trains on the ids of a TiTok VQ tokenizer; "
+                             f"config.tokenizer.model is {tok.get('variant', tok.name)} "
+                             f"({tok.get('quantize_mode')})")
+        if (gen.codebook_size, gen.num_tokens) != (tok.codebook_size, tok.num_latent_tokens):
+            raise ValueError(
+                f"the generator predicts {gen.num_tokens} tokens over a codebook of "
+                f"{gen.codebook_size} (config.model), but the tokenizer "
+                f"{tok.get('variant')} gives {tok.num_latent_tokens} tokens over "
+                f"{tok.codebook_size} codes (config.tokenizer.model)")
+        weights = config.tokenizer.weights
+        if not weights and not config.tokenizer.allow_random:
+            raise ValueError(
+                "config.tokenizer.weights is empty: the generator trains on the ids of a "
+                "pretrained TiTok tokenizer, e.g. --config.tokenizer.weights="
+                "tokenizer_titok_l32.bin (an official file or a titok-jax folder). A random "
+                "tokenizer only makes sense for tests: set --config.tokenizer.allow_random=True")
+        for path, what in ((weights, "config.tokenizer.weights"),
+                           (config.init_from, "config.init_from (generator weights)")):
+            if path and not epath.Path(path).exists():
+                raise FileNotFoundError(f"{what} not found: {path}")
+        if config.eval_every:
+            raise ValueError("task maskgit_generator has no evaluators yet (they measure "
+                             "reconstructions): set eval_every=0")
+
+    # -- parameters -------------------------------------------------------------------------
+    def frozen(self) -> dict:
+        """``{"tokenizer": params}``: from ``config.tokenizer.weights``, or a random tokenizer
+        drawn from ``seed + 1`` (``allow_random``; the same every time, so a resumed run
+        trains on the same tokens)."""
+        from titok_jax.api import load_tokenizer
+        weights = self.config.tokenizer.weights
+        if weights:
+            tok = load_tokenizer(self.tokenizer_config.get("variant", ""), weights,
+                                 model_config=self.tokenizer_config)
+            return {"tokenizer": tok.params}
+        log.warning(
+            "using a RANDOM TiTok tokenizer (config.tokenizer.allow_random)")
+        dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        return {"tokenizer": jax.jit(self.tokenizer.init)(
+            jax.random.PRNGKey(self.config.seed + 1), dummy)["params"]}
+
+    def init_params(self, rng):
+        n = self.config.model.num_tokens
+        params = self.model.init(rng, jnp.zeros((1, n), jnp.int32), jnp.zeros((1,), jnp.int32))
+        return {self.group: params["params"]}
+
+    def optimizers(self, abstract_params):
+        return {self.group: adamw(self.config.optimizer, abstract_params[self.group],
+                                  name_map_for(self.config.model), self.config.ema_decay)}
+
+    # -- step -------------------------------------------------------------------------------
+    def tokens(self, frozen: dict, images: jax.Array) -> jax.Array:
+        """The tokenizer's ids ``[B, N]`` of ``images``."""
+        out = self.tokenizer.apply({"params": frozen["tokenizer"]}, images,
+                                   method=self.tokenizer.encode)
+        return jax.lax.stop_gradient(out.ids).reshape(images.shape[0], -1)
+
+    def train_step(self, state: TrainState, batch: dict, frozen: Any,
+                   key: jax.Array) -> tuple[TrainState, dict]:
+        gen, losses = self.config.model, self.config.losses
+        tokens = self.tokens(frozen, batch["image"])
+        mask_key, dropout_key = jax.random.split(key)
+        draws = MaskDraws.draw(mask_key, tokens.shape[0], tokens.shape[1])
+        masked, masks, cond = mlm_inputs(tokens, batch["label"], draws, gen.codebook_size,
+                                         gen.num_classes, losses.class_label_dropout)
+
+        def loss_fn(params):
+            logits = self.model.apply({"params": params}, masked, cond, train=True,
+                                      rngs={"dropout": dropout_key})
+            return mlm_loss(logits, tokens, masks, losses.label_smoothing,
+                            losses.unmasked_weight)
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params[self.group])
+        new, metrics = apply_updates(state, {"loss": loss}, {self.group: grads},
+                                     self.optimizers(state.params))
+        # How many codes the tokenizer's ids use: a generator of few codes has little to learn.
+        return new, {"loss": loss, **metrics, **terms,
+                     "masked_fraction": jnp.mean(masks.astype(jnp.float32)),
+                     **codebook_stats(tokens, gen.codebook_size)}
+
+    # -- predictions, export, warm start ----------------------------------------------------
+    def predictor(self) -> predict.Predictor:
+        """Class-conditional samples (labels ``0..B-1``, noise from key 0, the settings of
+        ``config.sampling``) decoded by the tokenizer as ``recon``, their ids as ``ids``;
+        ``features`` are the tokenizer's. Params: :meth:`predict_params`."""
+        gen, cfg = self.config.model, sampling.SamplingConfig(**self.config.sampling).validate()
+        sched = jax.tree_util.tree_map(jnp.asarray, sampling.schedule(cfg, gen.num_tokens))
+        tok = predict.titok_predictor(self.tokenizer, self.tokenizer_config)
+
+        def reconstruct(params, images):
+            from titok_jax.models.maskgit import class_tokens
+            labels = jnp.arange(images.shape[0]) % gen.num_classes
+            ids = sampling.generate(
+                lambda i, c: self.model.apply({"params": params["model"]}, i, c),
+                class_tokens(labels, False, gen.codebook_size, gen.num_classes), sched,
+                jax.random.PRNGKey(0), num_tokens=gen.num_tokens, mask_id=gen.codebook_size,
+                drop_id=gen.codebook_size + 1 + gen.num_classes,
+                power_cosine=cfg.guidance_decay == "power-cosine")
+            images = self.tokenizer.apply({"params": params["frozen"]["tokenizer"]}, ids,
+                                          method=self.tokenizer.decode_tokens)
+            return {"recon": jnp.clip(images, 0.0, 1.0), "ids": ids}
+
+        def features(params, images):
+            return tok.features({"model": params["frozen"]["tokenizer"]}, images)
+
+        return predict.Predictor(reconstruct, features, self.image_size, gen.codebook_size)
+
+    def export(self, state, frozen, directory) -> None:
+        """The EMA generator as a titok-jax folder (``load_generator(config.model, dir)``)."""
+        from titok_jax.convert import native
+        native.save_native(directory, self.config.model,
+                           jax.device_get(state.ema_params[self.group]))
+
+    def warm_start(self, state, path):
+        """Params (and EMA) from official generator weights or a titok-jax folder."""
+        from titok_jax.generator import load_generator
+        params = load_generator(self.config.model, path).params
+        params = jax.device_put(params, jax.tree_util.tree_map(lambda a: a.sharding,
+                                                               state.params[self.group]))
+        return state.replace(params={**state.params, self.group: params},
+                             ema_params={**state.ema_params,
+                                         self.group: jax.tree_util.tree_map(jnp.copy, params)})
