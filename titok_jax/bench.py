@@ -215,3 +215,42 @@ def official_random_perceptual() -> Iterator[None]:
         yield
     finally:
         models.convnext_small, models.vgg16, lpips.LPIPS.load_pretrained = saved
+
+
+def load_official_generators(src: str) -> dict[str, type] | None:
+    """The official MaskGIT generator classes ``{"bert": ImageBert, "uvit": UViTBert}``, or None
+    with the reason printed. Call after ``load_official_titok`` (its bare ``modeling``
+    packages); ``modeling/maskgit.py`` also needs ``transformers`` (HF ``BertModel``)."""
+    if importlib.util.find_spec("transformers") is None:
+        print("[official] generators skipped: missing packages; pip install transformers")
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from modeling.maskgit import ImageBert, UViTBert
+    except ImportError as err:
+        print(f"[official] generators skipped: {err}; pip install the missing package")
+        return None
+    return {"bert": ImageBert, "uvit": UViTBert}
+
+
+def official_generator_config(cfg: Any) -> Any:
+    """The official OmegaConf config of a generator ``config.model`` block (dropout as trained;
+    ``generate`` runs the model in eval mode)."""
+    from omegaconf import OmegaConf
+    generator = {"condition_num_classes": cfg.get("num_classes", 1000),
+                 "image_seq_len": cfg.num_tokens, "hidden_size": cfg.hidden_size,
+                 "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+                 "intermediate_size": cfg.intermediate_size, "dropout": cfg.get("dropout", 0.1),
+                 "attn_drop": cfg.get("attn_dropout", 0.1)}
+    return OmegaConf.create({"model": {"vq_model": {"codebook_size": cfg.codebook_size},
+                                       "generator": generator}})
+
+
+def bench_device(override: float | None) -> tuple[Any, dict[str, float], str]:
+    """The default device, its peak GFLOP/s per dtype and their source, with the header
+    printed."""
+    device = jax.devices()[0]
+    peaks, peak_source = peak_gflops(device, override)
+    print_header(device, peak_source)
+    return device, peaks, peak_source
