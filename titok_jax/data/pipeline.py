@@ -81,6 +81,24 @@ def check_readable_location(path: str | os.PathLike) -> None:
             f"mount the bucket, e.g. with a FUSE mount) and pass that directory as data_dir.")
 
 
+def open_builder(dataset: DatasetArg, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """The builder of a prepared TFDS dataset (a name read from ``data_dir``, or a builder);
+    raises, saying what to do, if its location is unreadable or it is not prepared."""
+    if isinstance(dataset, str):
+        if data_dir is not None:
+            check_readable_location(data_dir)
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    else:
+        builder = dataset
+        check_readable_location(dataset.data_dir)
+    if not builder.is_prepared():
+        hint = ("set data.embedded=True to prepare it" if builder.name == embedded.DATASET_NAME
+                else "prepare it with TFDS first (titok-jax only reads it and never writes there)")
+        raise FileNotFoundError(f"TFDS dataset {builder.info.full_name} is not prepared "
+                                f"in {builder.data_dir}: {hint}")
+    return builder
+
+
 def decode_rgb(data: bytes) -> tuple[Image.Image, bool]:
     """Fully decodes encoded image bytes to RGB; returns the image and whether its mode had to be
     converted. Raises :class:`BadImageError` for bytes that do not decode."""
@@ -127,6 +145,73 @@ def _as_str(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def prefetched(produce: Callable[[int], Any], keys: Iterable[int],
+               depth: int) -> Iterator[tuple[int, Any]]:
+    """Yields ``(k, produce(k))`` for ``keys``, computed by a background thread that runs up to
+    ``depth`` items ahead; stops the thread when the consumer stops."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for k in keys:
+                if not put((k, produce(k))):
+                    return
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put(e)
+            return
+        put(done)
+
+    thread = threading.Thread(target=work, name="titok-data-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class EpochShuffle:
+    """The endless sequence of shuffled epochs over ``num_examples`` examples: position ``p`` is
+    example ``perm_e[p % num_examples]`` with ``e = p // num_examples`` and ``perm_e`` drawn from
+    ``np.random.default_rng([seed, e])``. Thread-safe; caches the last two epochs' orders."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples = num_examples
+        self.seed = seed
+        self._permutations: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, position: int) -> int:
+        """Example index at global position ``position``."""
+        epoch, offset = divmod(position, self.num_examples)
+        with self._lock:
+            perm = self._permutations.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+                # A batch touches at most two consecutive epochs; keep those.
+                self._permutations = {e: p for e, p in self._permutations.items()
+                                      if e == epoch - 1}
+                self._permutations[epoch] = perm
+        return int(perm[offset])
+
+
 class _HostPipeline:
     """This host's slice of a split, read by index with a decode pool and bad-example counters."""
 
@@ -136,19 +221,7 @@ class _HostPipeline:
                  host_slice: bool):
         if per_host_batch < 1:
             raise ValueError(f"per_host_batch must be >= 1, got {per_host_batch}")
-        if isinstance(dataset, str):
-            if data_dir is not None:
-                check_readable_location(data_dir)
-            self.builder = tfds.builder(dataset, data_dir=data_dir)
-        else:
-            self.builder = dataset
-            check_readable_location(dataset.data_dir)
-        if not self.builder.is_prepared():
-            hint = ("set data.embedded=True to prepare it" if self.builder.name ==
-                    embedded.DATASET_NAME else "prepare it with TFDS first (titok-jax only reads "
-                    "it and never writes there)")
-            raise FileNotFoundError(f"TFDS dataset {self.builder.info.full_name} is not prepared "
-                                    f"in {self.builder.data_dir}: {hint}")
+        self.builder = open_builder(dataset, data_dir)
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.split = split
@@ -220,47 +293,6 @@ class _HostPipeline:
         with self._lock:
             return index in self._bad
 
-    def _prefetched(self, produce: Callable[[int], Batch],
-                    keys: Iterable[int]) -> Iterator[tuple[int, Batch]]:
-        """Yields ``(k, produce(k))`` for ``keys``, computed by a background thread that runs up
-        to ``self.prefetch`` batches ahead; stops the thread when the consumer stops."""
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-        done = object()
-
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def work() -> None:
-            try:
-                for k in keys:
-                    if not put((k, produce(k))):
-                        return
-            except BaseException as e:  # handed to the consumer, which re-raises it
-                put(e)
-                return
-            put(done)
-
-        thread = threading.Thread(target=work, name="titok-data-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
-
 
 class TrainPipeline(_HostPipeline):
     """Endless shuffled training batches; ``batch(step)`` is this host's share of global batch
@@ -286,25 +318,12 @@ class TrainPipeline(_HostPipeline):
             raise ValueError(f"split {split!r} of {self.builder.name} has no examples")
         self.global_batch = global_batch
         self.seed = seed
-        self._permutations: dict[int, np.ndarray] = {}
+        self._index_at = EpochShuffle(self.num_examples, seed)
 
     @property
     def steps_per_epoch(self) -> int:
         """Full global batches per pass over the split."""
         return self.num_examples // self.global_batch
-
-    def _index_at(self, position: int) -> int:
-        """Example index at global position ``position`` of the endless epoch sequence."""
-        epoch, offset = divmod(position, self.num_examples)
-        with self._lock:
-            perm = self._permutations.get(epoch)
-            if perm is None:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-                # A batch touches at most two consecutive epochs; keep those.
-                self._permutations = {e: p for e, p in self._permutations.items()
-                                      if e == epoch - 1}
-                self._permutations[epoch] = perm
-        return int(perm[offset])
 
     def batch(self, step: int) -> Batch:
         """This host's batch for global step ``step``."""
@@ -347,7 +366,7 @@ class TrainPipeline(_HostPipeline):
         """``(step, batch)`` from ``start_step`` up to ``end_step`` (exclusive; endless if None),
         prepared ``prefetch`` batches ahead by a background thread."""
         steps = itertools.count(start_step) if end_step is None else range(start_step, end_step)
-        return self._prefetched(self.batch, steps)
+        return prefetched(self.batch, steps, self.prefetch)
 
 
 class EvalPipeline(_HostPipeline):
@@ -391,7 +410,7 @@ class EvalPipeline(_HostPipeline):
         return {"image": images, "label": labels, "mask": mask}
 
     def __iter__(self) -> Iterator[Batch]:
-        for _, batch in self._prefetched(self.batch, range(self.num_batches)):
+        for _, batch in prefetched(self.batch, range(self.num_batches), self.prefetch):
             yield batch
 
 
