@@ -15,11 +15,14 @@ Recipe (``configs/training/generator/maskgit.yaml``, ``MLMLoss``, ``train_maskgi
 tokenizer encodes each batch on the fly; masking with the arccos schedule; cross-entropy with
 label smoothing 0.1, weight 1 on masked and 0.1 on unmasked tokens; class-label dropout 0.1;
 AdamW lr 2e-4, betas (0.9, 0.96), wd 0.03 (not on norms, biases, embeddings), 10k warm-up,
-cosine to 1e-5 at 500k steps, clip 1.0, batch 2048, EMA 0.999 (the official ``EMAModel``).
+cosine to 1e-5 at 500k steps, clip 1.0, batch 2048, EMA 0.999 (the official ``EMAModel``),
+bf16 compute, FSDP.
 
-The task's predictions are samples, not reconstructions: image grids and evaluators are off
-(``image_every = eval_every = num_grid_images = 0``); ``config.sampling`` sets how the
-predictor would sample (the official settings of the variant).
+The task's predictions are samples, not reconstructions: the image grids show samples of
+classes 0, 1, ... with fixed noise, and the one evaluator is ``gfid`` (FID / IS of
+``eval.gfid_num_samples`` samples, 50 per class at 50k, against ``eval.fid_reference``, e.g.
+ADM's ``VIRTUAL_imagenet256_labeled.npz``, or else the eval split). ``config.sampling`` sets how
+they are sampled (the official settings of the variant).
 """
 import ml_collections
 
@@ -64,15 +67,28 @@ def get_config(arg: str | None = None):
         variants.GENERATOR_SAMPLING.get(name, variants.GENERATE_DEFAULTS))
 
     add_run_fields(config, runlocal=a.runlocal)
-    config.evals = ""
-    config.eval_every = config.image_every = config.num_grid_images = 0
+    config.evals = "gfid"
+    config.eval.gfid_num_samples = 10_000  # a 50k run (the protocol) is titok-jax sample + fid
+    config.eval.gfid_seed = 42
+    config.eval.gfid_is_splits = 10          # ADM's evaluator
+    config.eval_every = 50_000
+    config.num_grid_images = 32               # classes 0..31
     if a.runlocal:
         config.total_steps = 300
         config.optimizer.lr = 1e-3
         config.optimizer.end_lr = 1e-4
         config.optimizer.warmup_steps = 20
-        config.log_every, config.ckpt_every = 50, 100
+        config.log_every, config.ckpt_every, config.image_every = 50, 100, 100
+        config.eval_every = 0  # gfid needs the FID Inception (titok-jax fetch-inception)
+        config.eval.gfid_num_samples = 64
+        config.num_grid_images = 16
     else:
         config.global_batch = 2048
+        # The official recipe trains in bf16 (accelerate mixed precision): bf16 compute, float32
+        # params, optimizer state and loss; the export is float32. FSDP shards the params and
+        # AdamW state over the data axis (a 768x24 ImageBert fits replicated too; 2048 x 33
+        # tokens' activations are what bf16 halves).
+        config.model.dtype = "bfloat16"
+        config.mesh.fsdp = True
     config.lock()  # an override of an unknown key raises instead of adding it
     return config

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import titok_jax
 from titok_jax import sharding
@@ -85,6 +86,11 @@ def test_runlocal_trains_resumes_bitwise_and_exports(data_dir, tmp_path, monkeyp
     monkeypatch.undo()
     resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     _leaves_equal(jax.device_get(straight), jax.device_get(resumed))
+    # Grids of samples (16 classes, fixed noise) at the last step, and the final samples/.
+    grid = np.asarray(Image.open(tmp_path / "straight" / "images" / "step_0000003.png"))
+    assert grid.shape[0] > 128 and grid.shape[1] > 4 * grid.shape[0] / 2 - 1
+    final = tmp_path / "straight" / "samples"
+    assert (final / "grid.png").exists() and (final / "sample_15_class_0015.png").exists()
 
     # The export is the EMA generator; it samples valid ids, the ids of the task's predictor
     # (labels 0..B-1, key 0, config.sampling), which the tokenizer decodes to images.
@@ -156,12 +162,12 @@ def test_bad_input_fails_before_any_step(data_dir, tmp_path):
         ("tokenizer.weights=/nowhere.bin", FileNotFoundError,
          "tokenizer.weights not found.*nowhere.bin"),
         ("init_from=/nowhere.bin", FileNotFoundError, "init_from.*not found.*nowhere.bin"),
-        ("eval_every=10", ValueError, "eval_every=0"),
+        ("eval_every=10 evals=gfid,rfid", ValueError, "gfid only.*'rfid'"),
         ("tokenizer.model.quantize_mode=vae", ValueError, "TiTok VQ tokenizer"),
     ]
     for override, error, message in cases:
         with pytest.raises(error, match=message):
-            tasks_lib.get(runlocal(data_dir, override, arg=ARG))
+            tasks_lib.get(runlocal(data_dir, *override.split(), arg=ARG))
     with pytest.raises(ValueError, match="variant must be one of"):
         load_config("maskgit.py:variant=BL-64-VQ")
     # A titok-jax tokenizer folder of another shape: the loader names the folder.
@@ -186,3 +192,42 @@ def test_released_configs(variant, arch, tokens):
     assert (config.total_steps, config.global_batch, config.ema_decay) == (500_000, 2048, 0.999)
     assert config.losses.to_dict() == dict(label_smoothing=0.1, unmasked_weight=0.1,
                                            class_label_dropout=0.1)
+    assert config.model.dtype == "bfloat16" and config.mesh.fsdp
+    assert config.evals == "gfid" and config.eval_every and config.eval.gfid_num_samples
+
+
+def test_gfid_evaluates_the_samples_of_the_generator(data_dir):
+    """The gfid evaluator: sample i of class i % classes from fold_in(key(gfid_seed), chunk),
+    decoded, cast to uint8 by truncation, against the eval split's statistics -- checked
+    against the same FID computed through the public Generator / Tokenizer API."""
+    from titok_jax.api import Tokenizer
+    from titok_jax.evals import fid as fid_lib
+    from titok_jax.evals import runner as eval_lib
+    from titok_jax.generator import Generator
+    config = runlocal(data_dir, "eval.gfid_num_samples=10", "eval.batch_size=8",
+                      "data.eval_split=validation[:12]", arg=ARG)
+    task = tasks_lib.get(config)
+    mesh = sharding.make_mesh()
+    params = task.init_params(jax.random.PRNGKey(3))["generator"]
+    frozen = task.frozen()
+    evaluation = eval_lib.from_config(config, data_dir, mesh, predictor=task.predictor(),
+                                      evals="gfid")
+    results = evaluation({"model": params, "frozen": frozen})
+    assert results["gfid_num_samples"] == 10 and np.isfinite(results["gfid"])
+
+    gen = Generator(config.model, params)
+    tok = Tokenizer(config.tokenizer.model, frozen["tokenizer"])
+    images = []
+    for c, n in ((0, 8), (1, 2)):
+        labels = (np.arange(8) + 8 * c) % config.model.num_classes
+        ids = gen.sample(labels, rng=jax.random.fold_in(jax.random.PRNGKey(42), c),
+                         **config.sampling)
+        x = np.clip(np.asarray(tok.decode_tokens(ids)), 0.0, 1.0)
+        images.append((x * 255.0).astype(np.uint8)[:n])  # truncation, as torch's .to(uint8)
+    gfid = evaluation.evaluators[0]
+    runner = fid_lib.InceptionRunner(gfid.module, gfid.inception, mesh, 8)
+    stats = fid_lib.image_statistics(np.concatenate(images), runner)
+    real = fid_lib.image_statistics(data_lib.first_eval_images(config.data, data_dir, 12, 64),
+                                    runner)
+    expected = fid_lib.frechet_distance(stats.mu, stats.sigma, real.mu, real.sigma)
+    assert results["gfid"] == pytest.approx(expected, rel=1e-3)

@@ -36,12 +36,18 @@ class Predictor:
     ``reconstruct(params, images)`` -> ``{"recon": [B, H, W, 3] in [0, 1], "ids": int [B, N]}``
     (``ids`` only for discrete tokenizers); ``features(params, images)`` -> ``[B, D]``, the
     mean-pooled pre-quantization latents (linear probe).
+
+    A generator's predictor also has ``generate(params, labels, key)`` -> images ``[B, H, W, 3]``
+    in [0, 1]: class-conditional samples of the class labels ``[B]`` drawn with ``key`` (the
+    ``gfid`` evaluator), and ``num_classes``.
     """
 
     reconstruct: Callable[[Any, jax.Array], dict[str, jax.Array]]
     features: Callable[[Any, jax.Array], jax.Array]
     image_size: int
     codebook_size: int  # 0 for continuous (VAE) tokenizers
+    generate: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None
+    num_classes: int = 0
 
 
 def abstract_params(module, image_size: int) -> Any:

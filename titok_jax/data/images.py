@@ -126,3 +126,25 @@ def side_by_side_grid(pairs: Iterable[tuple[np.ndarray, np.ndarray]], pad: int =
     if not rows:
         raise ValueError("no images for the grid")
     return np.concatenate(rows[:-1], axis=0)
+
+
+def image_grid(images: Iterable[np.ndarray], columns: int = 8, pad: int = 4,
+               min_size: int = 128) -> np.ndarray:
+    """Images [H, W, 3] (floats in [0, 1] or uint8) tiled row-major, ``columns`` per row, with a
+    white gutter; float [H', W', 3] in [0, 1]. Images smaller than ``min_size`` are enlarged by
+    an integer nearest-neighbour factor; a short last row is padded with white."""
+    tiles = [np.asarray(a, np.float32) / (255.0 if np.asarray(a).dtype == np.uint8 else 1.0)
+             for a in images]
+    if not tiles:
+        raise ValueError("no images for the grid")
+    k = max(1, min_size // tiles[0].shape[0])
+    tiles = [np.repeat(np.repeat(t, k, 0), k, 1) for t in tiles]
+    h, w = tiles[0].shape[:2]
+    columns = max(1, min(columns, len(tiles)))
+    rows = -(-len(tiles) // columns)
+    grid = np.ones((rows * h + (rows - 1) * pad, columns * w + (columns - 1) * pad, 3),
+                   np.float32)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tile
+    return grid

@@ -21,7 +21,10 @@ import ml_collections
 from titok_jax import predict, sharding
 from titok_jax.checkpointing import as_path
 from titok_jax.data import pipeline as data_lib
-from titok_jax.evals import linear_probe  # noqa: F401  (registers "linear_probe")
+from titok_jax.evals import (
+    generation,  # noqa: F401  (registers "gfid")
+    linear_probe,  # noqa: F401  (registers "linear_probe")
+)
 from titok_jax.evals.evaluators import EVALUATORS, PassEvaluator, StandaloneEvaluator
 
 log = logging.getLogger(__name__)

@@ -180,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if grid_images is not None and (done % config.image_every == 0
                                             or done == config.total_steps):
                 _write_grid(writer, workdir, done, grid_images,
-                            recon_fn(task.predict_params(state, t.frozen), grid_images), is_main)
+                            recon_fn(task.predict_params(state, t.frozen), grid_images), is_main,
+                            task.grid_kind)
             if evaluation is not None and done % config.eval_every == 0:
                 results = evaluation(task.predict_params(state, t.frozen))
                 writer.write_scalars(done, {f"eval/{k}": v for k, v in results.items()})
@@ -208,30 +209,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _write_grid(writer, workdir, step: int, images, recon, is_main: bool) -> None:
-    from titok_jax.data.images import save_png, side_by_side_grid
-    grid = side_by_side_grid(zip(np.asarray(images), np.asarray(recon)))
-    writer.write_images(step, {"inputs_vs_reconstructions": grid[None]})
+def _grid(images, recon, kind: str) -> np.ndarray:
+    from titok_jax.data.images import image_grid, side_by_side_grid
+    if kind == "samples":
+        return image_grid(np.asarray(recon), columns=min(8, len(recon)))
+    return side_by_side_grid(zip(np.asarray(images), np.asarray(recon)))
+
+
+def _write_grid(writer, workdir, step: int, images, recon, is_main: bool,
+                kind: str = "reconstructions") -> None:
+    from titok_jax.data.images import save_png
+    grid = _grid(images, recon, kind)
+    writer.write_images(step, {"samples" if kind == "samples" else "inputs_vs_reconstructions":
+                               grid[None]})
     if is_main:
         save_png(grid, str(workdir / "images" / f"step_{step:07d}.png"))
 
 
 def _write_final_outputs(config, workdir, t: Trainer, state, recon_fn, data_dir) -> None:
-    """The task's export (``export/``, loadable by ``load_tokenizer`` and the CLI) and
-    reconstructions of held-out images with their grid (``reconstructions/``)."""
-    from titok_jax.data.images import save_png, side_by_side_grid
+    """The task's export (``export/``, loadable by ``load_tokenizer`` / ``load_generator`` and
+    the CLI) and, for a tokenizer, reconstructions of held-out images with their grid
+    (``reconstructions/``); for a generator, its fixed grid of samples (``samples/``)."""
+    from titok_jax.data.images import save_png
     t.task.export(state, t.frozen, str(workdir / "export"))
     if not config.num_grid_images:
         return
     images = data_lib.first_eval_images(config.data, data_dir, config.num_grid_images,
                                         t.task.image_size)
     recon = np.asarray(recon_fn(t.task.predict_params(state, t.frozen), images))
-    out = workdir / "reconstructions"
+    kind = t.task.grid_kind
+    out = workdir / kind
     for i, (original, rec) in enumerate(zip(np.asarray(images), recon)):
-        save_png(original, str(out / f"heldout_{i:02d}_input.png"))
-        save_png(rec, str(out / f"heldout_{i:02d}_recon.png"))
-    save_png(side_by_side_grid(zip(np.asarray(images), recon)), str(out / "grid.png"))
-    log.info("wrote %d held-out reconstructions and grid.png to %s", len(recon), out)
+        if kind == "samples":
+            save_png(rec, str(out / f"sample_{i:02d}_class_{i % t.task.num_classes:04d}.png"))
+        else:
+            save_png(original, str(out / f"heldout_{i:02d}_input.png"))
+            save_png(rec, str(out / f"heldout_{i:02d}_recon.png"))
+    save_png(_grid(images, recon, kind), str(out / "grid.png"))
+    log.info("wrote %d %s and grid.png to %s", len(recon),
+             "samples" if kind == "samples" else "held-out reconstructions", out)
 
 
 def _check_finite(pending, ckpt) -> None:

@@ -21,6 +21,9 @@ class Task:
     name = "task"
     input_kind = "images"
     group = "tokenizer"
+    # What the predictor's ``recon`` of the grid images is: "reconstructions" (grids of input |
+    # reconstruction pairs) or "samples" (a generator's: grids of the samples alone).
+    grid_kind = "reconstructions"
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

@@ -11,10 +11,11 @@ official on-the-fly tokenization does (pre-tokenized data is not read yet). Each
    1 on masked and ``unmasked_weight`` on unmasked positions (``losses.mlm_loss``);
 4. AdamW + EMA updates.
 
-Predictions: :meth:`MaskGITGenerator.predictor` gives class-conditional *samples* (labels
-``0..B-1``, fixed noise) decoded by the tokenizer, not reconstructions, so the configs turn the
-loop's image grids and reconstruction evaluators off (``image_every = eval_every =
-num_grid_images = 0``; a non-zero ``eval_every`` is refused). The export is the EMA generator
+Predictions: :meth:`MaskGITGenerator.predictor` gives class-conditional *samples* decoded by
+the tokenizer, not reconstructions: the loop's image grids show the samples of classes
+``0..num_grid_images-1`` drawn with fixed noise (``images/``, and ``samples/`` at the end), and
+the only evaluator is ``gfid`` (:mod:`titok_jax.evals.generation`: FID / IS of
+``eval.gfid_num_samples`` samples every ``eval_every`` steps). The export is the EMA generator
 as a titok-jax folder that :func:`titok_jax.load_generator` reads.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ class MaskGITGenerator(Task):
     """A MaskGIT generator (``config.model``) on the tokens of ``config.tokenizer``."""
 
     group = "generator"
+    grid_kind = "samples"
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -51,6 +53,10 @@ class MaskGITGenerator(Task):
         self.tokenizer = variants.build_model(self.tokenizer_config)
         self.image_size = self.tokenizer_config.image_size
         self.check(config)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.model.num_classes
 
     def check(self, config):
         gen, tok = config.model, config.tokenizer.model
@@ -75,9 +81,11 @@ class MaskGITGenerator(Task):
                            (config.init_from, "config.init_from (generator weights)")):
             if path and not epath.Path(path).exists():
                 raise FileNotFoundError(f"{what} not found: {path}")
-        if config.eval_every:
-            raise ValueError("task maskgit_generator has no evaluators yet (they measure "
-                             "reconstructions): set eval_every=0")
+        from titok_jax.evals.runner import parse_names
+        other = [n for n in parse_names(config.evals) if n != "gfid"]
+        if config.eval_every and other:
+            raise ValueError(f"task maskgit_generator evaluates samples with gfid only; "
+                             f"config.evals also names {other}, which measure reconstructions")
 
     # -- parameters -------------------------------------------------------------------------
     def frozen(self) -> dict:
@@ -138,36 +146,46 @@ class MaskGITGenerator(Task):
 
     # -- predictions, export, warm start ----------------------------------------------------
     def predictor(self) -> predict.Predictor:
-        """Class-conditional samples (labels ``0..B-1``, noise from key 0, the settings of
-        ``config.sampling``) decoded by the tokenizer as ``recon``, their ids as ``ids``;
+        """Class-conditional samples with the settings of ``config.sampling``, decoded by the
+        tokenizer: ``generate(params, labels, key)`` (the ``gfid`` evaluator), and as
+        ``reconstruct`` the fixed grid of labels ``0..B-1`` drawn with key 0, so the grids of
+        successive steps are comparable (``recon``: the images, ``ids``: their tokens);
         ``features`` are the tokenizer's. Params: :meth:`predict_params`."""
+        from titok_jax.models.maskgit import class_tokens
         gen, cfg = self.config.model, sampling.SamplingConfig(**self.config.sampling).validate()
         sched = jax.tree_util.tree_map(jnp.asarray, sampling.schedule(cfg, gen.num_tokens))
         tok = predict.titok_predictor(self.tokenizer, self.tokenizer_config)
 
-        def reconstruct(params, images):
-            from titok_jax.models.maskgit import class_tokens
-            labels = jnp.arange(images.shape[0]) % gen.num_classes
+        def sample(params, labels, key):
             ids = sampling.generate(
                 lambda i, c: self.model.apply({"params": params["model"]}, i, c),
-                class_tokens(labels, False, gen.codebook_size, gen.num_classes), sched,
-                jax.random.PRNGKey(0), num_tokens=gen.num_tokens, mask_id=gen.codebook_size,
+                class_tokens(labels, False, gen.codebook_size, gen.num_classes), sched, key,
+                num_tokens=gen.num_tokens, mask_id=gen.codebook_size,
                 drop_id=gen.codebook_size + 1 + gen.num_classes,
                 power_cosine=cfg.guidance_decay == "power-cosine")
             images = self.tokenizer.apply({"params": params["frozen"]["tokenizer"]}, ids,
                                           method=self.tokenizer.decode_tokens)
-            return {"recon": jnp.clip(images, 0.0, 1.0), "ids": ids}
+            return jnp.clip(images, 0.0, 1.0), ids
+
+        def reconstruct(params, images):
+            labels = jnp.arange(images.shape[0]) % gen.num_classes
+            recon, ids = sample(params, labels, jax.random.PRNGKey(0))
+            return {"recon": recon, "ids": ids}
 
         def features(params, images):
             return tok.features({"model": params["frozen"]["tokenizer"]}, images)
 
-        return predict.Predictor(reconstruct, features, self.image_size, gen.codebook_size)
+        return predict.Predictor(reconstruct, features, self.image_size, gen.codebook_size,
+                                 generate=lambda p, labels, key: sample(p, labels, key)[0],
+                                 num_classes=gen.num_classes)
 
     def export(self, state, frozen, directory) -> None:
-        """The EMA generator as a titok-jax folder (``load_generator(config.model, dir)``)."""
+        """The EMA generator as a titok-jax folder (``load_generator(dir)``), float32 compute
+        whatever the training dtype (the params are float32 either way)."""
         from titok_jax.convert import native
-        native.save_native(directory, self.config.model,
-                           jax.device_get(state.ema_params[self.group]))
+        model = ml_collections.ConfigDict(self.config.model.to_dict())
+        model.dtype = "float32"
+        native.save_native(directory, model, jax.device_get(state.ema_params[self.group]))
 
     def warm_start(self, state, path):
         """Params (and EMA) from official generator weights or a titok-jax folder."""
