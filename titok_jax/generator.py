@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,26 @@ class Generator:
                                  drop_id=self.codebook_size + 1 + self.num_classes,
                                  power_cosine=power_cosine)
 
+    def sampling_config(self, **settings: Any) -> sampling.SamplingConfig:
+        """:attr:`sampling_defaults` with ``settings`` replaced, validated (unknown keys raise)."""
+        unknown = sorted(set(settings) - {f.name for f in
+                                          dataclasses.fields(sampling.SamplingConfig)})
+        if unknown:
+            raise ValueError(f"unknown sampling settings {unknown}")
+        return dataclasses.replace(self.sampling_defaults, **settings).validate()
+
+    def sample_fn(self, cfg: sampling.SamplingConfig
+                  ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+        """The traceable ``(params, labels [B], key) -> ids [B, N]`` of :meth:`sample` with
+        settings ``cfg``, to jit inside a larger program (e.g. sampling + decoding)."""
+        sched = jax.tree_util.tree_map(jnp.asarray, sampling.schedule(cfg, self.num_tokens))
+        power_cosine = cfg.guidance_decay == "power-cosine"
+
+        def fn(params, labels, key):
+            return self._generate_fn(params, self._class_tokens(labels, False), sched, key,
+                                     power_cosine=power_cosine)
+        return fn
+
     def sample(self, labels: Any, *, rng: jax.Array | None = None,
                uniforms: tuple[Any, Any] | None = None, **settings: Any) -> jax.Array:
         """Samples token ids ``[B, N]`` (int32, in [0, K)) for class labels ``[B]``.
@@ -107,11 +127,7 @@ class Generator:
         ``guidance_decay`` (``constant``, ``linear``, ``power-cosine``), ``guidance_scale_pow``,
         ``randomize_temperature``, ``softmax_temperature_annealing``.
         """
-        unknown = sorted(set(settings) - {f.name for f in
-                                          dataclasses.fields(sampling.SamplingConfig)})
-        if unknown:
-            raise ValueError(f"unknown sampling settings {unknown}")
-        cfg = dataclasses.replace(self.sampling_defaults, **settings).validate()
+        cfg = self.sampling_config(**settings)
         labels = self._check_labels(labels)
         if (rng is None) == (uniforms is None):
             raise ValueError("pass exactly one of rng= (a PRNG key) or uniforms=(u_ids, u_conf)")
@@ -145,7 +161,7 @@ def _abstract_params(module, num_tokens: int):
     return jax.eval_shape(module.init, jax.random.PRNGKey(0), ids, cond)["params"]
 
 
-def load_generator(name_or_config: str | ml_collections.ConfigDict | dict,
+def load_generator(name_or_config: str | ml_collections.ConfigDict | dict | None,
                    path: str | os.PathLike | None = None, *,
                    sampling_defaults: sampling.SamplingConfig | None = None) -> Generator:
     """Loads a MaskGIT generator.
@@ -153,14 +169,20 @@ def load_generator(name_or_config: str | ml_collections.ConfigDict | dict,
     Args:
       name_or_config: ``titok_l32``, ``titok_b64`` (ImageBert 768x24), ``titok_s128`` (UViT
         1024x20) or an official ``generator_titok_*_imagenet`` name; or an explicit generator
-        ``config.model`` block (``name="maskgit"``, ``arch`` ``bert``/``uvit``, ...).
+        ``config.model`` block (``name="maskgit"``, ``arch`` ``bert``/``uvit``, ...); or None
+        when ``path`` is a titok-jax folder: the config saved in it.
       path: the official weights (``.bin`` via ``torch.load(weights_only=True)`` or
         ``.safetensors``) or a titok-jax folder written by :meth:`Generator.save`, local or
         ``gs://``; None initialises random weights (seed 0).
       sampling_defaults: the settings of :meth:`Generator.sample`; by default the official
         ones of a named generator, else those of the official ``generate``.
     """
-    if isinstance(name_or_config, str):
+    if name_or_config is None:
+        if path is None or not native.is_native_dir(path):
+            raise ValueError(f"without a generator name or config, path must be a titok-jax "
+                             f"folder (config.json + params.safetensors), got {path!r}")
+        cfg = native.load_native_config(path)
+    elif isinstance(name_or_config, str):
         cfg = variants.generator_model_config(name_or_config)
     else:
         cfg = ml_collections.ConfigDict(dict(name_or_config))

@@ -1,0 +1,423 @@
+"""Class-conditional samples of a MaskGIT generator, decoded by its TiTok tokenizer and written as
+an ADM evaluator batch (``titok-jax sample``), for gFID / IS with ``titok-jax fid``.
+
+The official protocol (``sample_imagenet_titok.py``): sample ``i`` has class ``i % num_classes``
+(50 per class for 50k samples of 1000 classes); an image is ``clamp(decode_tokens(ids), 0, 1)``
+cast as ``(x * 255).to(torch.uint8)`` does, which truncates toward zero (no rounding). Sampling,
+decoding, clamp and cast run as one jitted program with the batch sharded over the local devices.
+
+Determinism: samples are drawn in chunks of ``chunk_size`` (the global batch); chunk ``c`` uses
+the key ``fold_in(PRNGKey(seed), c)`` and is drawn by host ``c % num_hosts``, so a seed gives
+the same images whatever the number of hosts or devices (the last chunk is drawn whole and cut).
+
+Resuming: each finished chunk lands atomically in ``<out>.parts/chunk_<c>.npy`` next to
+``run.json``, the record of the run (models, weights, settings, seed, sizes). A rerun refuses
+any difference from that record and draws only the missing chunks. Then process 0 streams the
+chunks into ``<out>``: ``arr_0`` uint8 ``[N, H, W, 3]`` and ``arr_1`` int64 labels ``[N]``,
+written under a temporary name and renamed. The parts folder is kept: it is the run's own
+output (and lets a lost ``<out>`` be rebuilt); delete it once the ``.npz`` is checked.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+import zipfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from titok_jax import sampling, sharding
+from titok_jax.checkpointing import as_path, config_differences
+
+RUN_FILE = "run.json"
+NUM_GRID_IMAGES = 64
+
+
+def check_compatible(generator, tokenizer) -> None:
+    """Raises ValueError unless ``generator`` samples ids that ``tokenizer`` decodes to pixels."""
+    gen = f"the generator ({generator.config.get('variant', '?')})"
+    tok = f"the tokenizer ({tokenizer.config.get('variant', '?')})"
+    if tokenizer.is_vae:
+        raise ValueError(f"{tok} is a VAE (continuous latents); a MaskGIT generator needs a VQ "
+                         f"tokenizer")
+    if tokenizer.module.outputs_proxy_codes:
+        raise ValueError(f"{tok} is a stage-1 model (it predicts MaskGIT-VQGAN codes); sampling "
+                         f"needs a two-stage tokenizer that decodes to pixels")
+    for what, g, t in (("codebook size", generator.codebook_size, tokenizer.config.codebook_size),
+                       ("token count", generator.num_tokens, tokenizer.num_tokens)):
+        if g != t:
+            raise ValueError(f"{gen} and {tok} do not match: {what} {g} vs {t}")
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """Images -> uint8 as the official ``clamp(x, 0, 1)`` then ``(x * 255).to(torch.uint8)``:
+    a float -> uint8 cast truncates toward zero, in XLA as in PyTorch."""
+    return (jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+class Sampler:
+    """Class labels ``[B]`` and a key -> uint8 images ``[B, H, W, 3]``: one jitted program
+    (MaskGIT sampling, ``decode_tokens``, clamp, uint8) with the batch sharded over ``devices``
+    (default: this host's). ``settings`` default to the generator's ``sampling_defaults``."""
+
+    def __init__(self, generator, tokenizer, settings: sampling.SamplingConfig | None = None,
+                 devices: Sequence[jax.Device] | None = None):
+        check_compatible(generator, tokenizer)
+        self.generator, self.tokenizer = generator, tokenizer
+        self.settings = (settings or generator.sampling_defaults).validate()
+        self.mesh = sharding.make_mesh(jax.local_devices() if devices is None else devices)
+        replicated, batch = sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)
+        sample_ids = generator.sample_fn(self.settings)
+        decoder = tokenizer.module
+
+        def images(gen_params, tok_params, labels, key):
+            ids = sample_ids(gen_params, labels, key)
+            return to_uint8(decoder.apply({"params": tok_params}, ids,
+                                          method=decoder.decode_tokens))
+        self.fn = jax.jit(images, in_shardings=(replicated, replicated, batch, replicated),
+                          out_shardings=batch)
+        self._params = jax.device_put((generator.params, tokenizer.params), replicated)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.tokenizer.image_size, self.tokenizer.image_size, 3)
+
+    def __call__(self, labels: np.ndarray, key: jax.Array) -> np.ndarray:
+        labels = np.asarray(labels, np.int32)
+        if labels.shape[0] % self.mesh.size:
+            raise ValueError(f"the batch ({labels.shape[0]}) must be a multiple of the device "
+                             f"count ({self.mesh.size})")
+        return np.asarray(self.fn(*self._params, labels, key))
+
+
+def sample_labels(start: int, stop: int, num_classes: int) -> np.ndarray:
+    """The classes of samples ``start..stop-1``: ``i % num_classes``."""
+    return np.arange(start, stop, dtype=np.int64) % num_classes
+
+
+def chunk_key(seed: int, chunk: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(seed), chunk)
+
+
+def parts_dir(out: str | os.PathLike) -> epath.Path:
+    out = as_path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def _chunk_path(parts: epath.Path, chunk: int) -> epath.Path:
+    return parts / f"chunk_{chunk:06d}.npy"
+
+
+def _is_remote(path: epath.Path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def _write_atomic(path: epath.Path, data: bytes) -> None:
+    """A killed run never leaves a partial file: locally a temporary name then a rename; on
+    ``gs://`` one upload, and an object appears only once complete."""
+    if _is_remote(path):
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _read_chunk(parts: epath.Path, chunk: int, shape: tuple[int, ...]) -> np.ndarray:
+    path = _chunk_path(parts, chunk)
+    try:
+        array = np.load(io.BytesIO(path.read_bytes()))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); delete it to draw that chunk again") \
+            from e
+    if array.shape != shape or array.dtype != np.uint8:
+        raise ValueError(f"{path} holds {array.dtype} {array.shape}, expected uint8 {shape}; "
+                         f"delete it to draw that chunk again")
+    return array
+
+
+def _claim(parts: epath.Path, out: epath.Path, record: dict) -> None:
+    """Starts the run's parts folder, or checks that it holds this same run."""
+    run_file = parts / RUN_FILE
+    if run_file.exists():
+        differences = config_differences(json.loads(run_file.read_text()), record)
+        if differences:
+            raise ValueError(f"{parts} holds samples of a different run; use another --out, or "
+                             f"the same settings to resume it. Differences (stored -> now):\n  "
+                             + "\n  ".join(differences))
+        return
+    if out.exists():
+        raise ValueError(f"{out} exists and was not written by this run; not overwriting it")
+    if parts.exists() and any(parts.iterdir()):
+        raise ValueError(f"{parts} exists and holds files but no {RUN_FILE}: not a sample run's "
+                         f"folder; use another --out")
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_file, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_npz(f, parts: epath.Path, num_samples: int, num_classes: int, chunk_size: int,
+               image_shape: tuple[int, ...]) -> None:
+    """The ADM batch, streamed chunk by chunk: one chunk of images in memory at a time."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (num_samples,) + tuple(image_shape)}
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as entry:
+            np.lib.format.write_array_header_1_0(entry, header)
+            for c, start in enumerate(range(0, num_samples, chunk_size)):
+                n = min(chunk_size, num_samples - start)
+                entry.write(_read_chunk(parts, c, (n,) + tuple(image_shape)).tobytes())
+        with zf.open("arr_1.npy", "w") as entry:
+            np.lib.format.write_array(entry, sample_labels(0, num_samples, num_classes))
+
+
+def verify_npz(path: str | os.PathLike, num_samples: int, num_classes: int,
+               image_shape: tuple[int, ...]) -> None:
+    """Checks with ``np.load`` that ``path`` is the ADM batch of a run (the image array's
+    header and the labels; the images are not read)."""
+    with as_path(path).open("rb") as f, np.load(f) as npz:
+        if sorted(npz.files) != ["arr_0", "arr_1"]:
+            raise ValueError(f"{path}: expected arrays arr_0, arr_1, found {npz.files}")
+        with npz.zip.open("arr_0.npy") as entry:
+            major, _ = np.lib.format.read_magic(entry)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(entry)
+        want = (num_samples,) + tuple(image_shape)
+        if shape != want or dtype != np.uint8:
+            raise ValueError(f"{path}: arr_0 is {dtype} {shape}, expected uint8 {want}")
+        if not np.array_equal(npz["arr_1"], sample_labels(0, num_samples, num_classes)):
+            raise ValueError(f"{path}: arr_1 does not hold the labels i % {num_classes}")
+
+
+def _assemble(out: epath.Path, parts: epath.Path, num_samples: int, num_classes: int,
+              chunk_size: int, image_shape: tuple[int, ...]) -> None:
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            _write_npz(f, parts, num_samples, num_classes, chunk_size, image_shape)
+        verify_npz(tmp, num_samples, num_classes, image_shape)
+        tmp.rename(out)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _write_grid(path: str | os.PathLike, parts: epath.Path, num_samples: int, chunk_size: int,
+                image_shape: tuple[int, ...]) -> None:
+    from titok_jax.data.images import image_grid, save_png
+    count = min(NUM_GRID_IMAGES, num_samples)
+    images = [_read_chunk(parts, c, (min(chunk_size, num_samples - c * chunk_size),)
+                          + tuple(image_shape))
+              for c in range(-(-count // chunk_size))]
+    save_png(image_grid(np.concatenate(images)[:count]), path)
+
+
+def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int = 50_000,
+                  chunk_size: int, seed: int = 42, num_classes: int | None = None,
+                  sources: dict[str, dict] | None = None, grid: str | os.PathLike | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Draws ``num_samples`` samples into the ADM ``.npz`` ``out`` (local or ``gs://``),
+    resumably (see the module docstring); returns a summary.
+
+    Args:
+      chunk_size: samples per chunk (the global batch); a multiple of ``sampler``'s devices.
+      num_classes: sample ``i`` has class ``i % num_classes``; default the generator's.
+      sources: extra provenance for ``run.json``, ``{"generator": {...}, "tokenizer": {...}}``
+        (names, weights paths); a rerun must match it.
+      grid: also write a PNG grid of the first 64 samples there.
+      process_index, process_count: this host and the number of hosts (default JAX's); host
+        ``h`` draws the chunks ``c`` with ``c % process_count == h``, process 0 assembles.
+    """
+    gen = sampler.generator
+    num_classes = gen.num_classes if num_classes is None else num_classes
+    if not 1 <= num_classes <= gen.num_classes:
+        raise ValueError(f"num_classes must lie in [1, {gen.num_classes}] (the generator's "
+                         f"classes), got {num_classes}")
+    if num_samples < 1 or chunk_size < 1:
+        raise ValueError(f"num_samples and the batch size must be positive, got {num_samples} "
+                         f"and {chunk_size}")
+    if chunk_size % sampler.mesh.size:
+        raise ValueError(f"the batch size ({chunk_size}, global) must be a multiple of the "
+                         f"local device count ({sampler.mesh.size})")
+    out = as_path(out)
+    if not out.name.endswith(".npz"):
+        raise ValueError(f"the output must be an .npz file (ADM layout), got {out}")
+    index = jax.process_index() if process_index is None else process_index
+    hosts = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < hosts:
+        raise ValueError(f"process_index must lie in [0, {hosts}), got {index}")
+    sources = sources or {}
+    record = json.loads(json.dumps(dict(
+        num_samples=num_samples, num_classes=num_classes, chunk_size=chunk_size, seed=seed,
+        image_shape=list(sampler.image_shape), settings=dataclasses.asdict(sampler.settings),
+        generator=dict(config=gen.config.to_dict(), **sources.get("generator", {})),
+        tokenizer=dict(config=sampler.tokenizer.config.to_dict(),
+                       **sources.get("tokenizer", {})))))
+    parts = parts_dir(out)
+    # Process 0 starts the folder; then every other host checks the record it wrote.
+    if index == 0:
+        _claim(parts, out, record)
+    _barrier("titok_sample_claim")
+    if index != 0:
+        _claim(parts, out, record)
+
+    num_chunks = -(-num_samples // chunk_size)
+    existing = {p.name for p in parts.iterdir()}
+    mine = [c for c in range(index, num_chunks, hosts)]
+    todo = [c for c in mine if _chunk_path(parts, c).name not in existing]
+    if todo and out.exists():
+        raise ValueError(f"{out} exists but chunks {todo[:5]} of its run are missing from "
+                         f"{parts}; not overwriting it")
+    drawn, started = 0, time.perf_counter()
+    from tqdm import tqdm
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="chunk", file=sys.stderr,
+              desc=f"sampling (host {index}/{hosts})" if hosts > 1 else "sampling",
+              disable=not progress or index != 0) as bar:
+        for c in todo:
+            start = c * chunk_size
+            n = min(chunk_size, num_samples - start)
+            images = sampler(sample_labels(start, start + chunk_size, num_classes),
+                             chunk_key(seed, c))
+            _write_atomic(_chunk_path(parts, c), _npy_bytes(images[:n]))
+            drawn += n
+            bar.update(1)
+            bar.set_postfix(samples_per_s=f"{drawn / (time.perf_counter() - started):.1f}")
+
+    _barrier("titok_sample_drawn")
+    summary = dict(out=os.fspath(out), parts=os.fspath(parts), num_samples=num_samples,
+                   chunks_drawn=len(todo), assembled=False)
+    if index != 0:
+        return summary
+    existing = {p.name for p in parts.iterdir()}
+    missing = [c for c in range(num_chunks) if _chunk_path(parts, c).name not in existing]
+    if missing:
+        raise ValueError(f"chunks {missing[:10]} of {num_chunks} are not in {parts} yet (drawn "
+                         f"by other hosts); rerun when they finish to assemble {out}")
+    if out.exists():
+        verify_npz(out, num_samples, num_classes, sampler.image_shape)
+    else:
+        _assemble(out, parts, num_samples, num_classes, chunk_size, sampler.image_shape)
+        summary["assembled"] = True
+    if grid:
+        _write_grid(grid, parts, num_samples, chunk_size, sampler.image_shape)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# ``titok-jax sample``
+
+_SETTINGS = ("num_sample_steps", "guidance_scale", "guidance_decay", "guidance_scale_pow",
+             "randomize_temperature", "softmax_temperature_annealing")
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from titok_jax.cli import _add_distributed_args
+    p.add_argument("--generator", default=None,
+                   help="titok_l32 | titok_b64 | titok_s128 (omit when --generator-weights is a "
+                        "titok-jax folder: its saved config)")
+    p.add_argument("--generator-weights", required=True,
+                   help="official generator .bin/.safetensors, or a titok-jax folder")
+    p.add_argument("--tokenizer", default=None,
+                   help="the TiTok tokenizer the generator was trained on: titok_l32 | "
+                        "titok_b64 | titok_s128 | ... (omit for a titok-jax folder)")
+    p.add_argument("--tokenizer-weights", required=True,
+                   help="official tokenizer .bin/.safetensors, or a titok-jax folder")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="sample i has class i %% num-classes (default: the generator's, 1000)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="samples per chunk, global; a multiple of the local device count. "
+                        "With the seed it fixes the samples: keep it to resume or reproduce")
+    p.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("sampling (default: the generator's official settings)")
+    g.add_argument("--num-sample-steps", type=int, default=None)
+    g.add_argument("--guidance-scale", type=float, default=None)
+    g.add_argument("--guidance-decay", default=None, choices=sampling.GUIDANCE_DECAYS)
+    g.add_argument("--guidance-scale-pow", type=float, default=None)
+    g.add_argument("--randomize-temperature", type=float, default=None)
+    g.add_argument("--softmax-temperature-annealing", default=None,
+                   action=argparse.BooleanOptionalAction)
+    p.add_argument("--out", required=True,
+                   help="output .npz, local or gs:// (ADM layout: arr_0 uint8 [N, H, W, 3], "
+                        "arr_1 labels); finished chunks are kept in <out>.parts/ to resume")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_distributed_args(p)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the ``sample`` subcommand to a ``titok-jax`` subparsers object."""
+    p = subparsers.add_parser(
+        "sample", help="class-conditional samples of a MaskGIT generator as an ADM .npz (gFID "
+                       "with `titok-jax fid`); resumable, sharded over devices and hosts")
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _weights(path: str) -> str:
+    return os.fspath(as_path(path))
+
+
+def run(args: argparse.Namespace) -> int:
+    from titok_jax.train import launch
+    launch.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    import titok_jax
+    from titok_jax.convert import native
+    if not args.out.endswith(".npz"):
+        raise ValueError(f"--out must be an .npz file (ADM layout), got {args.out!r}")
+    if args.tokenizer is None and not native.is_native_dir(args.tokenizer_weights):
+        raise ValueError("--tokenizer is needed unless --tokenizer-weights is a titok-jax folder")
+    generator = titok_jax.load_generator(args.generator, args.generator_weights)
+    tokenizer = titok_jax.load_tokenizer(args.tokenizer or "", args.tokenizer_weights)
+    overrides = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
+    sampler = Sampler(generator, tokenizer, generator.sampling_config(**overrides))
+    sources = dict(generator=dict(name=args.generator, weights=_weights(args.generator_weights)),
+                   tokenizer=dict(name=args.tokenizer, weights=_weights(args.tokenizer_weights)))
+    summary = write_samples(sampler, args.out, num_samples=args.num_samples,
+                            chunk_size=args.batch_size, seed=args.seed,
+                            num_classes=args.num_classes, sources=sources, grid=args.grid,
+                            progress=args.progress)
+    if jax.process_index() == 0:
+        print(f"wrote {args.num_samples} samples to {summary['out']} (chunks kept in "
+              f"{summary['parts']})" + (f" and the grid {args.grid}" if args.grid else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m titok_jax.synthesis ...``: the ``titok-jax sample`` arguments."""
+    parser = argparse.ArgumentParser(prog="titok-jax sample", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
