@@ -150,6 +150,10 @@ def test_resume_after_interruption(baseline, one_device, tmp_path, monkeypatch):
         out=str(tmp_path / "s.npz"), parts=str(parts), num_samples=NUM_SAMPLES, chunks_drawn=0,
         assembled=False)
     assert len(calls) == 2 and sorted(os.listdir(tmp_path)) == ["s.npz", "s.npz.parts"]
+    os.remove(parts / "chunk_000001.npy")
+    with pytest.raises(ValueError, match=r"s.npz exists but \['chunk_000001.npy'\] of its run "
+                                         r"are missing"):
+        _write(one_device, tmp_path / "s.npz")
 
 
 def test_changed_rerun_and_foreign_outputs_are_refused(models, baseline, tmp_path, capsys):
@@ -164,7 +168,7 @@ def test_changed_rerun_and_foreign_outputs_are_refused(models, baseline, tmp_pat
     (tmp_path / "taken.npz").write_bytes(b"not ours")
     (tmp_path / "busy.npz.parts").mkdir()
     (tmp_path / "busy.npz.parts" / "notes.txt").write_text("not ours")
-    for name, message in (("taken.npz", "exists and was not written by this run"),
+    for name, message in (("taken.npz", "run.json does not: not overwriting"),
                           ("busy.npz", "holds files but no run.json")):
         assert synthesis.main(_cli_args(models, tmp_path / name)) == 2
         assert message in capsys.readouterr().err

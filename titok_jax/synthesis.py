@@ -60,7 +60,7 @@ def check_compatible(generator, tokenizer) -> None:
 def to_uint8(images: jax.Array) -> jax.Array:
     """Images -> uint8 as the official ``clamp(x, 0, 1)`` then ``(x * 255).to(torch.uint8)``:
     a float -> uint8 cast truncates toward zero, in XLA as in PyTorch."""
-    return (jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
 class Sampler:
@@ -150,23 +150,31 @@ def _read_chunk(parts: epath.Path, chunk: int, shape: tuple[int, ...]) -> np.nda
     return array
 
 
-def _claim(parts: epath.Path, out: epath.Path, record: dict) -> None:
-    """Starts the run's parts folder, or checks that it holds this same run."""
+def _check_outputs(out: epath.Path, parts: epath.Path, record: dict,
+                   chunk_names: list[str]) -> bool:
+    """Raises unless ``out`` and ``parts`` are absent or this same run's (read only, so every
+    host reaches the same verdict); True when the run starts afresh."""
     run_file = parts / RUN_FILE
-    if run_file.exists():
-        differences = config_differences(json.loads(run_file.read_text()), record)
-        if differences:
-            raise ValueError(f"{parts} holds samples of a different run; use another --out, or "
-                             f"the same settings to resume it. Differences (stored -> now):\n  "
-                             + "\n  ".join(differences))
-        return
+    if not run_file.exists():
+        if out.exists():
+            raise ValueError(f"{out} exists and {run_file} does not: not overwriting a file "
+                             f"this run did not write")
+        if parts.exists() and any(parts.iterdir()):
+            raise ValueError(f"{parts} exists and holds files but no {RUN_FILE}: not a sample "
+                             f"run's folder; use another --out")
+        return True
+    differences = config_differences(json.loads(run_file.read_text()), record)
+    if differences:
+        raise ValueError(f"{parts} holds samples of a different run; use another --out, or "
+                         f"the same settings to resume it. Differences (stored -> now):\n  "
+                         + "\n  ".join(differences))
     if out.exists():
-        raise ValueError(f"{out} exists and was not written by this run; not overwriting it")
-    if parts.exists() and any(parts.iterdir()):
-        raise ValueError(f"{parts} exists and holds files but no {RUN_FILE}: not a sample run's "
-                         f"folder; use another --out")
-    parts.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_file, json.dumps(record, indent=1, sort_keys=True).encode())
+        existing = {p.name for p in parts.iterdir()}
+        missing = [name for name in chunk_names if name not in existing]
+        if missing:
+            raise ValueError(f"{out} exists but {missing[:5]} of its run are missing from "
+                             f"{parts}; not overwriting it")
+    return False
 
 
 def _barrier(name: str) -> None:
@@ -233,6 +241,16 @@ def _write_grid(path: str | os.PathLike, parts: epath.Path, num_samples: int, ch
     save_png(image_grid(np.concatenate(images)[:count]), path)
 
 
+def _run_record(sampler: Sampler, sources: dict[str, dict], **sizes: int) -> dict:
+    """What ``run.json`` records (and a rerun must match), as JSON values."""
+    return json.loads(json.dumps(dict(
+        **sizes, image_shape=list(sampler.image_shape),
+        settings=dataclasses.asdict(sampler.settings),
+        generator=dict(config=sampler.generator.config.to_dict(), **sources.get("generator", {})),
+        tokenizer=dict(config=sampler.tokenizer.config.to_dict(),
+                       **sources.get("tokenizer", {})))))
+
+
 def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int = 50_000,
                   chunk_size: int, seed: int = 42, num_classes: int | None = None,
                   sources: dict[str, dict] | None = None, grid: str | os.PathLike | None = None,
@@ -248,7 +266,8 @@ def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int 
         (names, weights paths); a rerun must match it.
       grid: also write a PNG grid of the first 64 samples there.
       process_index, process_count: this host and the number of hosts (default JAX's); host
-        ``h`` draws the chunks ``c`` with ``c % process_count == h``, process 0 assembles.
+        ``h`` draws the chunks ``c`` with ``c % process_count == h``, process 0 assembles. With
+        several hosts ``out`` must be on storage they share (``gs://``, a shared filesystem).
     """
     gen = sampler.generator
     num_classes = gen.num_classes if num_classes is None else num_classes
@@ -268,28 +287,21 @@ def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int 
     hosts = jax.process_count() if process_count is None else process_count
     if not 0 <= index < hosts:
         raise ValueError(f"process_index must lie in [0, {hosts}), got {index}")
-    sources = sources or {}
-    record = json.loads(json.dumps(dict(
-        num_samples=num_samples, num_classes=num_classes, chunk_size=chunk_size, seed=seed,
-        image_shape=list(sampler.image_shape), settings=dataclasses.asdict(sampler.settings),
-        generator=dict(config=gen.config.to_dict(), **sources.get("generator", {})),
-        tokenizer=dict(config=sampler.tokenizer.config.to_dict(),
-                       **sources.get("tokenizer", {})))))
+    record = _run_record(sampler, sources or {}, num_samples=num_samples,
+                         num_classes=num_classes, chunk_size=chunk_size, seed=seed)
     parts = parts_dir(out)
-    # Process 0 starts the folder; then every other host checks the record it wrote.
-    if index == 0:
-        _claim(parts, out, record)
-    _barrier("titok_sample_claim")
-    if index != 0:
-        _claim(parts, out, record)
-
     num_chunks = -(-num_samples // chunk_size)
+    names = [_chunk_path(parts, c).name for c in range(num_chunks)]
+    fresh = _check_outputs(out, parts, record, names)
+    _barrier("titok_sample_checked")  # nothing is written before every host has checked
+    if fresh and index == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+        _write_atomic(parts / RUN_FILE, json.dumps(record, indent=1, sort_keys=True).encode())
+    _barrier("titok_sample_started")
+
     existing = {p.name for p in parts.iterdir()}
-    mine = [c for c in range(index, num_chunks, hosts)]
-    todo = [c for c in mine if _chunk_path(parts, c).name not in existing]
-    if todo and out.exists():
-        raise ValueError(f"{out} exists but chunks {todo[:5]} of its run are missing from "
-                         f"{parts}; not overwriting it")
+    mine = list(range(index, num_chunks, hosts))
+    todo = [c for c in mine if names[c] not in existing]
     drawn, started = 0, time.perf_counter()
     from tqdm import tqdm
     with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="chunk", file=sys.stderr,
@@ -311,7 +323,7 @@ def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int 
     if index != 0:
         return summary
     existing = {p.name for p in parts.iterdir()}
-    missing = [c for c in range(num_chunks) if _chunk_path(parts, c).name not in existing]
+    missing = [c for c in range(num_chunks) if names[c] not in existing]
     if missing:
         raise ValueError(f"chunks {missing[:10]} of {num_chunks} are not in {parts} yet (drawn "
                          f"by other hosts); rerun when they finish to assemble {out}")
