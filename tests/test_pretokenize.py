@@ -147,6 +147,29 @@ def test_ten_crop_batch_size_and_devices_do_not_change_ids(tok, data_dir, refere
     np.testing.assert_array_equal(got_labels, labels)
 
 
+def test_undecodable_images_are_skipped_logged_and_counted(tok, tmp_path, caplog):
+    from titok_jax.data import embedded
+    settings = dict(crops_per_photo=1, val_per_photo=1, bad_examples=True)
+    builder = embedded.builder(embedded.prepare_embedded(str(tmp_path / "tfds"), **settings),
+                               **settings)
+    names = [r["file_name"].decode() for r in builder.as_data_source(
+        "train", decoders={"image": tfds.decode.SkipDecoding()})]
+    bad = [i for i, n in enumerate(names) if n.endswith(("_bad_truncated.JPEG",
+                                                          "_bad_garbage.JPEG"))]
+    assert len(bad) == 2
+    with caplog.at_level("WARNING", logger="titok_jax.data.tokens"):
+        out = tokens.pretokenize(tok, builder, None, "train", str(tmp_path / "out"),
+                                 batch_size=4, shard_size=5)
+    meta = TokenDataset(out).meta
+    assert meta["num_skipped"] == 2 and meta["num_records"] == 2 * (len(names) - 2)
+    assert meta["skipped"] == [{"example": i, "file_name": names[i]} for i in bad]
+    assert sum(len(s["skipped"]) for s in meta["shards"]) == 2
+    rows = np.stack([np.frombuffer(r, "<i4") for r in _raw(out)])
+    assert rows[0::2, 1].tolist() == [i for i in range(len(names)) if i not in bad]
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert all(names[i] in warned for i in bad)
+
+
 def test_two_hosts_write_the_same_shards(tok, data_dir, reference, tmp_path):
     out = str(tmp_path / "hosts")
     _run(tok, data_dir, out, process_index=1, process_count=2)
