@@ -252,8 +252,9 @@ def pretokenize(tokenizer, dataset: DatasetArg, data_dir: str | None, split: str
     out_path = _as_path(out)
     builder = open_builder(dataset, data_dir)
     num_examples = builder.info.splits[split].num_examples
-    num_shards = max(1, math.ceil(num_examples / shard_size))
-    size = tokenizer.image_size
+    if not num_examples:
+        raise ValueError(f"split {split!r} of {builder.info.full_name} has no examples")
+    num_shards = math.ceil(num_examples / shard_size)
     spec = {
         "format_version": FORMAT_VERSION, "record_layout": RECORD_LAYOUT,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer.config, tokenizer.params),
@@ -262,7 +263,7 @@ def pretokenize(tokenizer, dataset: DatasetArg, data_dir: str | None, split: str
         "num_tokens": tokenizer.num_tokens, "codebook_size": tokenizer.config.codebook_size,
         "source": {"dataset": builder.info.full_name, "split": split,
                    "num_examples": num_examples},
-        "mode": mode, "views_per_image": MODES[mode], "image_size": size,
+        "mode": mode, "views_per_image": MODES[mode], "image_size": tokenizer.image_size,
         "shard_size": shard_size, "num_shards": num_shards, "completed": False,
     }
     meta_path = out_path / META_FILE
@@ -281,38 +282,48 @@ def pretokenize(tokenizer, dataset: DatasetArg, data_dir: str | None, split: str
     mine = [s for s in range(index, num_shards, count)
             if not (out_path / f"{names[s]}.json").exists()]
     if mine:
-        source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
         devices = jax.local_devices() if devices is None else list(devices)
-        encoder = _Encoder(tokenizer, devices, batch_size * MODES[mode])
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=sum(min(num_examples, (s + 1) * shard_size) - s * shard_size
-                                 for s in mine), unit="img", desc=f"pretokenize {split}")
-        with concurrent.futures.ThreadPoolExecutor(
-                num_threads or min(8, os.cpu_count() or 1)) as pool:
-            reader = _ShardReader(source, pool, size, mode, batch_size, builder.name, split)
-            for s in mine:
-                start, stop = s * shard_size, min(num_examples, (s + 1) * shard_size)
-                records, skipped = [], []
-                for batch in reader.batches(start, stop):
-                    if batch["header"]:
-                        rows = np.concatenate([np.asarray(batch["header"], np.int32),
-                                               encoder(batch["views"])], axis=1).astype("<i4")
-                        records += [row.tobytes() for row in rows]
-                    skipped += batch["skipped"]
-                    if bar is not None:
-                        bar.update(batch["count"])
-                _write_shard(out_path, names[s], records,
-                             {"file": f"{names[s]}.array_record", "examples": [start, stop],
-                              "records": len(records), "skipped": skipped})
-        if bar is not None:
-            bar.close()
+        _encode_shards(builder, split, out_path, mine, names, tokenizer, mode, batch_size,
+                       shard_size, num_examples, devices, num_threads, progress)
     _sync("titok_pretokenize_shards")
     if index == 0:
         _finish(out_path, spec, names)
     _sync("titok_pretokenize_done")
     return os.fspath(out)
+
+
+def _encode_shards(builder: tfds.core.DatasetBuilder, split: str, out: epath.Path,
+                   shards: list[int], names: list[str], tokenizer, mode: str, batch_size: int,
+                   shard_size: int, num_examples: int, devices: Sequence[jax.Device],
+                   num_threads: int | None, progress: bool) -> None:
+    """Encodes and writes ``shards`` (this host's unfinished ones), one after the other."""
+    source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    encoder = _Encoder(tokenizer, devices, batch_size * MODES[mode])
+    ranges = {s: (s * shard_size, min(num_examples, (s + 1) * shard_size)) for s in shards}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(b - a for a, b in ranges.values()), unit="img",
+                   desc=f"pretokenize {split}")
+    with concurrent.futures.ThreadPoolExecutor(num_threads or min(8, os.cpu_count() or 1)) as pool:
+        reader = _ShardReader(source, pool, tokenizer.image_size, mode, batch_size,
+                              builder.name, split)
+        for s in shards:
+            start, stop = ranges[s]
+            records, skipped = [], []
+            for batch in reader.batches(start, stop):
+                if batch["header"]:
+                    rows = np.concatenate([np.asarray(batch["header"], np.int32),
+                                           encoder(batch["views"])], axis=1).astype("<i4")
+                    records += [row.tobytes() for row in rows]
+                skipped += batch["skipped"]
+                if bar is not None:
+                    bar.update(batch["count"])
+            _write_shard(out, names[s], records,
+                         {"file": f"{names[s]}.array_record", "examples": [start, stop],
+                          "records": len(records), "skipped": skipped})
+    if bar is not None:
+        bar.close()
 
 
 def _finish(out: epath.Path, spec: dict, names: list[str]) -> None:
