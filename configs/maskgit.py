@@ -4,12 +4,12 @@ Arguments:
   variant: L-32 | B-64 (ImageBert 768x24) | S-128 (UViT 1024x20), each on the tokens of its
     released two-stage TiTok tokenizer (``config.tokenizer.weights``, e.g.
     ``tokenizer_titok_l32.bin``, or a titok-jax folder).
-  runlocal: a CPU-sized run on the embedded photo dataset: a tiny ImageBert (64 wide, 2 layers)
-    over the 32 tokens of a ``tiny-pixel`` VQ tokenizer at 64x64 (256 codes), 300 steps. The
-    tokenizer is random unless ``tokenizer.weights`` names one; a random one uses few codes
-    (see the logged ``codebook_usage``), so for tokens worth learning train it first:
-    ``configs/titok.py:runlocal,variant=tiny-pixel`` with ``--config.model.image_size=64
-    --config.model.patch_size=8``, then ``--config.tokenizer.weights=<its workdir>/export``.
+  runlocal: a CPU-sized run on the embedded photo dataset (7 classes): a tiny ImageBert (64
+    wide, 2 layers) over the 32 tokens of a ``tiny-vq`` tokenizer (64x64, 256 codes), 300
+    steps. The tokenizer is random unless ``tokenizer.weights`` names one; a random one uses few
+    codes (see the logged ``codebook_usage``), so for tokens worth learning train one first:
+    ``launch/generator_demo.sh`` trains the tokenizer, pre-tokenizes the photos, trains this
+    generator on them and samples a grid.
 
 Recipe (``configs/training/generator/maskgit.yaml``, ``MLMLoss``, ``train_maskgit.py``): the
 tokenizer encodes each batch on the fly; masking with the arccos schedule; cross-entropy with
@@ -28,6 +28,7 @@ import ml_collections
 
 from titok_jax import variants
 from titok_jax.config_arg import add_run_fields, parse_arg
+from titok_jax.data import embedded
 
 GENERATORS = {"L-32": "titok_l32", "B-64": "titok_b64", "S-128": "titok_s128"}
 
@@ -40,11 +41,11 @@ def get_config(arg: str | None = None):
     config.task = "maskgit_generator"
     name = GENERATORS[a.variant]
     if a.runlocal:
-        tokenizer = variants.titok_model_config("tiny-pixel")
-        tokenizer.image_size, tokenizer.patch_size = 64, 8
+        tokenizer = variants.titok_model_config("tiny-vq")
         config.model = variants.generator_model_config(
             name, arch="bert", hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256,
-            codebook_size=tokenizer.codebook_size, num_tokens=tokenizer.num_latent_tokens)
+            codebook_size=tokenizer.codebook_size, num_tokens=tokenizer.num_latent_tokens,
+            num_classes=len(embedded.class_names()))
         config.model.variant = "runlocal"
     else:
         tokenizer = variants.titok_model_config(a.variant)
@@ -67,6 +68,9 @@ def get_config(arg: str | None = None):
         variants.GENERATOR_SAMPLING.get(name, variants.GENERATE_DEFAULTS))
 
     add_run_fields(config, runlocal=a.runlocal)
+    # Pre-tokenized training data (titok-jax pretokenize --out DIR) instead of images encoded
+    # on the fly; config.data's dataset is then only the eval split (grids, gfid reference).
+    config.data.tokens = ""
     config.evals = "gfid"
     config.eval.gfid_num_samples = 10_000  # a 50k run (the protocol) is titok-jax sample + fid
     config.eval.gfid_seed = 42

@@ -2,7 +2,8 @@
 
 Arguments:
   variant: L-32 | B-64 | S-128 (two-stage, legacy) | BL-64-VQ | BL-128-VQ | SL-256-VQ |
-    LL-32-VAE | BL-64-VAE | BL-128-VAE (single-stage) | tiny | tiny-pixel | tiny-vae (CPU-sized).
+    LL-32-VAE | BL-64-VAE | BL-128-VAE (single-stage) | tiny | tiny-pixel | tiny-vq | tiny-vae
+    (CPU-sized).
   stage: two-stage variants only: 1 (proxy-code training, no pixel decoder) or 2 (decoder
     fine-tuning with the pixel decoder; the released tokenizer). Default: 2.
   objective: gan (the official GAN-phase recipe: stage 2, or the single-stage recipe) or l2
@@ -10,7 +11,8 @@ Arguments:
   runlocal: a CPU-sized run on the embedded photo dataset: the ``tiny-vae`` model (64x64)
     trained on pixels (objective=gan: with LPIPS and the discriminator); stage=1: the ``tiny``
     VQ model on proxy codes of a tiny VQGAN; stage=2: its decoder fine-tuning (256x256);
-    variant=tiny-pixel: a VQ pixel model.
+    variant=tiny-pixel: a VQ pixel model; variant=tiny-vq: the same at 64x64 (the generator
+    demo's tokenizer, best with objective=gan for its codebook re-seeding).
 
 Recipes (``configs/training/TiTok/stage{1,2}/*.yaml``, the TA-TiTok single-stage yaml and the
 maintainers' answer in bytedance/1d-tokenizer#67):

@@ -66,6 +66,12 @@ TITOK_VARIANTS: dict[str, dict[str, Any]] = {
                  **{**_LEGACY, "codebook_size": 256}),
     "tiny-pixel": dict(encoder="tiny64", decoder="tiny64", num_latent_tokens=32,
                        **{**_VQ8K, "codebook_size": 256, "token_size": 12, "use_l2_norm": True}),
+    # tiny-pixel at 64x64 with 8x8 patches: the discrete tokenizer of the CPU generator demo
+    # (launch/generator_demo.sh). In a few CPU minutes it learns little beyond each image's
+    # colours (see the note on tiny-vae), enough to give a generator tokens to learn.
+    "tiny-vq": dict(encoder="tiny64", decoder="tiny64", num_latent_tokens=32, image_size=64,
+                    patch_size=8, **{**_VQ8K, "codebook_size": 256, "token_size": 12,
+                                     "use_l2_norm": True}),
     # The CPU quickstart model: a VAE at 64x64 with 8x8 patches. (A VQ bottleneck this small
     # does not leave its initial plateau within a laptop-sized run: no code changes with the
     # image until the decoder reads its latents, and it has no reason to until they change.)
@@ -98,6 +104,7 @@ MODEL_NAMES: dict[str, str] = {
     "titok_bl64_vq": "BL-64-VQ", "titok_bl128_vq": "BL-128-VQ", "titok_sl256_vq": "SL-256-VQ",
     "titok_ll32_vae": "LL-32-VAE", "titok_bl64_vae": "BL-64-VAE", "titok_bl128_vae": "BL-128-VAE",
     "titok_tiny": "tiny", "titok_tiny_pixel": "tiny-pixel", "titok_tiny_vae": "tiny-vae",
+    "titok_tiny_vq": "tiny-vq",
     "tokenizer_titok_l32_imagenet": "L-32", "tokenizer_titok_b64_imagenet": "B-64",
     "tokenizer_titok_s128_imagenet": "S-128",
     "tokenizer_titok_bl64_vq8k_imagenet": "BL-64-VQ",

@@ -84,13 +84,18 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
 def input_pipeline(kind: str, config: ml_collections.ConfigDict, data_dir: str,
                    image_size: int | None = None):
     """The training batches a task reads; ``batch(step)`` is a pure function of (seed, step).
-    ``image_size``: the task's (default ``config.model.image_size``; a generator's model block
-    has none, its tokenizer's images set it)."""
+    ``kind``: ``images`` (a TFDS split, ``config.data``; ``image_size``: the task's, default
+    ``config.model.image_size``) or ``tokens`` (a pre-tokenized dataset,
+    ``config.data.tokens``)."""
     if kind == "images":
         return data_lib.TrainPipeline(
             dataset=config.data.dataset, data_dir=data_dir, split=config.data.train_split,
             global_batch=config.global_batch, image_size=image_size or config.model.image_size,
             seed=config.seed, num_threads=config.data.num_threads)
+    if kind == "tokens":  # pre-tokenized data (titok-jax pretokenize)
+        from titok_jax.data.tokens import TokenTrainPipeline
+        return TokenTrainPipeline(config.data.tokens, global_batch=config.global_batch,
+                                  seed=config.seed)
     raise ValueError(f"no input pipeline for batches of kind {kind!r}")
 
 

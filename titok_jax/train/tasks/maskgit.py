@@ -1,11 +1,20 @@
 """MaskGIT generator training on TiTok tokens (official ``train_maskgit.py``, ``MLMLoss``).
 
 One parameter group, ``generator`` (ImageBert or UViTBert, with its EMA). The frozen part is a
-TiTok VQ tokenizer that turns each image batch into token ids inside the jitted step, as the
-official on-the-fly tokenization does (pre-tokenized data is not read yet). Each step:
+TiTok VQ tokenizer. Token ids come from one of two sources:
 
-1. ids = the tokenizer's quantizer ids of the batch (no gradient; their codebook usage and
-   perplexity are logged);
+- images (``config.data.tokens`` empty): the tokenizer encodes each image batch inside the
+  jitted step, as the official on-the-fly tokenization does (the usual train transform);
+- a pre-tokenized dataset (``config.data.tokens``, written by ``titok-jax pretokenize``: ADM
+  center crops and their flips, or ten crops), read with the same ``(seed, step)`` determinism
+  (:class:`titok_jax.data.tokens.TokenTrainPipeline`). The dataset records which tokenizer made
+  it; a different ``config.tokenizer`` is refused before any step. The tokenizer then only
+  decodes the samples of grids and ``gfid``.
+
+Each step:
+
+1. ids = the batch's tokens, or the tokenizer's quantizer ids of its images (no gradient;
+   their codebook usage and perplexity are logged);
 2. the official masking (``losses.mask_tokens``) and class-label dropout, from the step's key;
 3. logits of the masked ids in train mode (dropout on), label-smoothed cross-entropy weighted
    1 on masked and ``unmasked_weight`` on unmasked positions (``losses.mlm_loss``);
@@ -48,6 +57,7 @@ class MaskGITGenerator(Task):
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        self.input_kind = "tokens" if config.data.get("tokens") else "images"
         self.model = variants.build_generator(config.model)
         self.tokenizer_config = config.tokenizer.model
         self.tokenizer = variants.build_model(self.tokenizer_config)
@@ -86,6 +96,19 @@ class MaskGITGenerator(Task):
         if config.eval_every and other:
             raise ValueError(f"task maskgit_generator evaluates samples with gfid only; "
                              f"config.evals also names {other}, which measure reconstructions")
+        if config.data.get("tokens"):
+            self.check_tokens(config.data.tokens, gen)
+
+    def check_tokens(self, path: str, gen) -> None:
+        """A pre-tokenized dataset must hold ids of this generator's shape (its tokenizer's
+        identity is checked in :meth:`frozen`, once the tokenizer is loaded)."""
+        from titok_jax.data.tokens import TokenDataset
+        meta = TokenDataset(path).meta
+        if (meta["codebook_size"], meta["num_tokens"]) != (gen.codebook_size, gen.num_tokens):
+            raise ValueError(
+                f"config.data.tokens {path} holds {meta['num_tokens']} tokens over "
+                f"{meta['codebook_size']} codes, but the generator predicts {gen.num_tokens} "
+                f"tokens over {gen.codebook_size} (config.model)")
 
     # -- parameters -------------------------------------------------------------------------
     def frozen(self) -> dict:
@@ -95,14 +118,19 @@ class MaskGITGenerator(Task):
         from titok_jax.api import load_tokenizer
         weights = self.config.tokenizer.weights
         if weights:
-            tok = load_tokenizer(self.tokenizer_config.get("variant", ""), weights,
-                                 model_config=self.tokenizer_config)
-            return {"tokenizer": tok.params}
-        log.warning(
-            "using a RANDOM TiTok tokenizer (config.tokenizer.allow_random)")
-        dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-        return {"tokenizer": jax.jit(self.tokenizer.init)(
-            jax.random.PRNGKey(self.config.seed + 1), dummy)["params"]}
+            params = load_tokenizer(self.tokenizer_config.get("variant", ""), weights,
+                                    model_config=self.tokenizer_config).params
+        else:
+            log.warning("using a RANDOM TiTok tokenizer (config.tokenizer.allow_random)")
+            dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+            params = jax.jit(self.tokenizer.init)(jax.random.PRNGKey(self.config.seed + 1),
+                                                  dummy)["params"]
+        if self.input_kind == "tokens":
+            from titok_jax.data.tokens import TokenDataset, tokenizer_fingerprint
+            TokenDataset(self.config.data.tokens).check_tokenizer(
+                tokenizer_fingerprint(self.tokenizer_config, params),
+                f"config.tokenizer ({weights or 'random, seed + 1'})")
+        return {"tokenizer": params}
 
     def init_params(self, rng):
         n = self.config.model.num_tokens
@@ -123,7 +151,7 @@ class MaskGITGenerator(Task):
     def train_step(self, state: TrainState, batch: dict, frozen: Any,
                    key: jax.Array) -> tuple[TrainState, dict]:
         gen, losses = self.config.model, self.config.losses
-        tokens = self.tokens(frozen, batch["image"])
+        tokens = batch["tokens"] if "tokens" in batch else self.tokens(frozen, batch["image"])
         mask_key, dropout_key = jax.random.split(key)
         draws = MaskDraws.draw(mask_key, tokens.shape[0], tokens.shape[1])
         masked, masks, cond = mlm_inputs(tokens, batch["label"], draws, gen.codebook_size,
