@@ -60,7 +60,7 @@ def check_compatible(generator, tokenizer) -> None:
 def to_uint8(images: jax.Array) -> jax.Array:
     """Images -> uint8 as the official ``clamp(x, 0, 1)`` then ``(x * 255).to(torch.uint8)``:
     a float -> uint8 cast truncates toward zero, in XLA as in PyTorch."""
-    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    return (jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
 class Sampler:
@@ -314,8 +314,9 @@ def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int 
                              chunk_key(seed, c))
             _write_atomic(_chunk_path(parts, c), _npy_bytes(images[:n]))
             drawn += n
+            bar.set_postfix(samples_per_s=f"{drawn / (time.perf_counter() - started):.1f}",
+                            refresh=False)
             bar.update(1)
-            bar.set_postfix(samples_per_s=f"{drawn / (time.perf_counter() - started):.1f}")
 
     _barrier("titok_sample_drawn")
     summary = dict(out=os.fspath(out), parts=os.fspath(parts), num_samples=num_samples,
