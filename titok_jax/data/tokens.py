@@ -212,17 +212,20 @@ class _Encoder:
         self.rows = math.ceil(rows / len(devices)) * len(devices)
         module = tokenizer.module
         self.params = jax.device_put(tokenizer.params, sharding.replicated(mesh))
+        self._batch = sharding.batch_sharding(mesh)
         self._fn = jax.jit(
             lambda params, x: module.apply({"params": params}, x, method=module.encode).ids,
-            in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-            out_shardings=sharding.batch_sharding(mesh))
+            in_shardings=(sharding.replicated(mesh), self._batch), out_shardings=self._batch)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[n, S, S, 3]`` (``n <= rows``) -> int32 ids ``[n, N]``."""
         n = len(images)
         x = np.zeros((self.rows,) + images.shape[1:], np.float32)
         x[:n] = images.astype(np.float32) / np.float32(255)
-        return np.asarray(jax.device_get(self._fn(self.params, x)))[:n].astype(np.int32)
+        # Placed explicitly: in a multi-process run jit takes no numpy input with a sharding,
+        # even one over this process's devices only.
+        ids = self._fn(self.params, jax.device_put(x, self._batch))
+        return np.asarray(jax.device_get(ids))[:n].astype(np.int32)
 
 
 def pretokenize(tokenizer, dataset: DatasetArg, data_dir: str | None, split: str,
