@@ -1,12 +1,14 @@
 """``titok-jax sample`` (titok_jax.synthesis) on a tiny random generator and tokenizer saved as
 titok-jax folders: the ADM ``.npz`` layout and labels, images equal to ``Generator.sample`` +
-``decode_tokens`` + the official truncating uint8 cast, the same samples on 1 device as on 8
-and on 2 hosts as on 1, resume after an interruption, refusal of a changed rerun and of bad
-input before any sampling, gs:// output."""
+``decode_tokens`` + the official truncating uint8 cast, the same samples on 1 device as on 8 and
+on 2 hosts (simulated, and 2 real processes) as on 1, resume after an interruption, refusal of a
+changed rerun and of bad input before any sampling, gs:// output."""
 import io
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +18,8 @@ import titok_jax
 from titok_jax import synthesis, variants
 from titok_jax.api import Tokenizer
 from titok_jax.evals import fid as fid_lib
+
+from helpers import free_port
 
 SEED, NUM_SAMPLES, NUM_CLASSES, BATCH = 3, 20, 7, 8  # 3 chunks, the last one cut to 4 samples
 
@@ -118,6 +122,23 @@ def test_same_samples_on_one_device_and_on_two_hosts(baseline, one_device, tmp_p
     assert summary["chunks_drawn"] == 1 and not summary["assembled"]
     summary = _write(one_device, tmp_path / "s.npz", process_index=0, process_count=2)
     assert summary["chunks_drawn"] == 0 and summary["assembled"]
+    with np.load(tmp_path / "s.npz") as npz:
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(npz[key], value, err_msg=key)
+
+
+def test_two_processes_match_one(models, baseline, tmp_path):
+    """Two real JAX processes (4 CPU devices each, gloo collectives for the barriers)."""
+    _, arrays = baseline
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "titok_jax.synthesis", *_cli_args(models, tmp_path / "s.npz"),
+         "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     with np.load(tmp_path / "s.npz") as npz:
         for key, value in arrays.items():
             np.testing.assert_array_equal(npz[key], value, err_msg=key)

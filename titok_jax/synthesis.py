@@ -95,6 +95,8 @@ class Sampler:
         if labels.shape[0] % self.mesh.size:
             raise ValueError(f"the batch ({labels.shape[0]}) must be a multiple of the device "
                              f"count ({self.mesh.size})")
+        # Placed explicitly: with several processes jit takes no sharded numpy input.
+        labels = jax.device_put(labels, sharding.batch_sharding(self.mesh))
         return np.asarray(self.fn(*self._params, labels, key))
 
 
