@@ -1,5 +1,9 @@
 """Class-conditional samples of a MaskGIT generator, decoded by its TiTok tokenizer and written as
-an ADM evaluator batch (``titok-jax sample``), for gFID / IS with ``titok-jax fid``.
+an ADM evaluator batch (``titok-jax sample``), for gFID / IS with ``titok-jax fid``::
+
+    titok-jax sample --generator titok_l32 --generator-weights generator_titok_l32.bin \
+        --tokenizer titok_l32 --tokenizer-weights tokenizer_titok_l32.bin --out samples.npz
+    titok-jax fid samples.npz VIRTUAL_imagenet256_labeled.npz --inception-fc pt_inception.pth
 
 The official protocol (``sample_imagenet_titok.py``): sample ``i`` has class ``i % num_classes``
 (50 per class for 50k samples of 1000 classes); an image is ``clamp(decode_tokens(ids), 0, 1)``
@@ -20,6 +24,7 @@ output (and lets a lost ``<out>`` be rebuilt); delete it once the ``.npz`` is ch
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import io
 import json
@@ -243,6 +248,31 @@ def _write_grid(path: str | os.PathLike, parts: epath.Path, num_samples: int, ch
     save_png(image_grid(np.concatenate(images)[:count]), path)
 
 
+def _draw(sampler: Sampler, parts: epath.Path, chunks: list[int], bar, *, num_samples: int,
+          chunk_size: int, num_classes: int, seed: int) -> None:
+    """Draws ``chunks`` in order; a thread writes each one while the next is sampled (all
+    submitted writes finish even when sampling fails, so a resume keeps them)."""
+    drawn, started, written = 0, time.perf_counter(), None
+
+    def write(c, images):
+        _write_atomic(_chunk_path(parts, c), _npy_bytes(images))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+        for c in chunks:
+            start = c * chunk_size
+            n = min(chunk_size, num_samples - start)
+            images = sampler(sample_labels(start, start + chunk_size, num_classes),
+                             chunk_key(seed, c))
+            if written is not None:
+                written.result()  # raises a failed write here
+            written = writer.submit(write, c, images[:n])
+            drawn += n
+            bar.set_postfix(samples_per_s=f"{drawn / (time.perf_counter() - started):.1f}",
+                            refresh=False)
+            bar.update(1)
+        if written is not None:
+            written.result()
+
+
 def _run_record(sampler: Sampler, sources: dict[str, dict], **sizes: int) -> dict:
     """What ``run.json`` records (and a rerun must match), as JSON values."""
     return json.loads(json.dumps(dict(
@@ -304,21 +334,12 @@ def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int 
     existing = {p.name for p in parts.iterdir()}
     mine = list(range(index, num_chunks, hosts))
     todo = [c for c in mine if names[c] not in existing]
-    drawn, started = 0, time.perf_counter()
     from tqdm import tqdm
     with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="chunk", file=sys.stderr,
               desc=f"sampling (host {index}/{hosts})" if hosts > 1 else "sampling",
               disable=not progress or index != 0) as bar:
-        for c in todo:
-            start = c * chunk_size
-            n = min(chunk_size, num_samples - start)
-            images = sampler(sample_labels(start, start + chunk_size, num_classes),
-                             chunk_key(seed, c))
-            _write_atomic(_chunk_path(parts, c), _npy_bytes(images[:n]))
-            drawn += n
-            bar.set_postfix(samples_per_s=f"{drawn / (time.perf_counter() - started):.1f}",
-                            refresh=False)
-            bar.update(1)
+        _draw(sampler, parts, todo, bar, num_samples=num_samples, chunk_size=chunk_size,
+              num_classes=num_classes, seed=seed)
 
     _barrier("titok_sample_drawn")
     summary = dict(out=os.fspath(out), parts=os.fspath(parts), num_samples=num_samples,
