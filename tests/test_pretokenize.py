@@ -255,8 +255,11 @@ def test_token_pipeline_is_a_function_of_seed_and_step(reference):
     resumed = dict(pipe.iterate(4, 7))
     assert sorted(resumed) == [4, 5, 6]
     np.testing.assert_array_equal(resumed[5]["tokens"], pipe.batch(5)["tokens"])
-    other = TokenTrainPipeline(ds, global_batch=8, seed=4, process_index=0, process_count=1)
-    assert not np.array_equal(other.batch(0)["tokens"], pipe.batch(0)["tokens"])
+    with TokenTrainPipeline(ds, global_batch=8, seed=4, process_index=0,
+                            process_count=1) as other:
+        assert not np.array_equal(other.batch(0)["tokens"], pipe.batch(0)["tokens"])
+    np.testing.assert_array_equal(pipe.batch(13)["tokens"], batch["tokens"])  # reopens
+    assert pipe.stats == {}
 
 
 def test_missing_and_unfinished_dirs(reference, tmp_path):

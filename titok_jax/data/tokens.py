@@ -414,6 +414,11 @@ class TokenDataset:
     def __len__(self) -> int:
         return self._len
 
+    def close(self) -> None:
+        """Closes the shard readers (they reopen on the next read)."""
+        if self._source is not None:
+            self._source.__exit__(None, None, None)
+
     def __getitems__(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """-> (token ids int32 ``[n, num_tokens]``, labels int32 ``[n]``)."""
         indices = [int(i) for i in indices]
@@ -460,7 +465,18 @@ class TokenTrainPipeline:
         self.per_host_batch = global_batch // self.process_count
         self.seed = seed
         self.prefetch = prefetch
+        # The image pipeline's bad-example counters; records never fail to decode.
+        self.stats: dict[str, int] = {}
         self._index_at = EpochShuffle(len(self.dataset), seed)
+
+    def close(self) -> None:
+        self.dataset.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def steps_per_epoch(self) -> int:
