@@ -104,6 +104,17 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
                    str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "weights file not found" in capsys.readouterr().err
+    # The generation commands are wired into the same CLI and report the same way.
+    for argv in (["pretokenize", "--weights", str(tmp_path / "missing.bin"), "--embedded",
+                  "--out", str(tmp_path / "tokens")],
+                 ["sample", "--generator", "titok_l32", "--generator-weights",
+                  str(tmp_path / "missing.bin"), "--tokenizer", "titok_l32",
+                  "--tokenizer-weights", str(tmp_path / "tok.bin"), "--out",
+                  str(tmp_path / "s.npz")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "error:" in err and "missing.bin" in err and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "tokens") and not os.path.exists(tmp_path / "s.npz")
 
 
 def test_cli_export_import_roundtrip(legacy_dir, tmp_path):

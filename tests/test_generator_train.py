@@ -231,3 +231,39 @@ def test_gfid_evaluates_the_samples_of_the_generator(data_dir):
                                     runner)
     expected = fid_lib.frechet_distance(stats.mu, stats.sigma, real.mu, real.sigma)
     assert results["gfid"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_trains_on_pretokenized_data(data_dir, tmp_path):
+    """config.data.tokens: batches of a pretokenize output with the (seed, step) order, the
+    step trains on them, and a dataset made by another tokenizer is refused."""
+    from titok_jax.api import Tokenizer
+    from titok_jax.data import tokens as tokens_lib
+    from titok_jax.data.embedded import DATASET_NAME
+    from titok_jax.data.pipeline import EpochShuffle
+    config = runlocal(data_dir, arg=ARG)
+    params = tasks_lib.get(config).frozen()["tokenizer"]
+    out = str(tmp_path / "tokens")
+    tokens_lib.pretokenize(Tokenizer(config.tokenizer.model, params), DATASET_NAME, data_dir,
+                           "validation[:12]", out, batch_size=12, shard_size=12)
+    config = runlocal(data_dir, f"data.tokens={out}", "optimizer.warmup_steps=0", arg=ARG)
+    t = loop.build_trainer(config, sharding.make_mesh())
+    assert t.task.input_kind == "tokens"
+    with loop.input_pipeline(t.task.input_kind, config, data_dir) as pipe:
+        batch = pipe.batch(1)
+    dataset = tokens_lib.TokenDataset(out)
+    order = EpochShuffle(len(dataset), config.seed)
+    ids, labels = dataset.__getitems__([order(p) for p in range(8, 16)])
+    np.testing.assert_array_equal(batch["tokens"], ids)
+    np.testing.assert_array_equal(batch["label"], labels)
+    state = t.init_state(jax.random.PRNGKey(0))
+    state, metrics = t.step(state, data_lib.to_global(batch, t.batch_sharding), 1)
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+
+    # Tokens of another tokenizer (other weights, same shapes): refused when it loads.
+    other = jax.tree_util.tree_map(lambda a: a * 2, params)
+    native.save_native(tmp_path / "other_tok", config.tokenizer.model, other)
+    with pytest.raises(ValueError, match="tokenized by another tokenizer"):
+        tasks_lib.get(runlocal(data_dir, f"data.tokens={out}", "tokenizer.allow_random=False",
+                               f"tokenizer.weights={tmp_path / 'other_tok'}", arg=ARG)).frozen()
+    with pytest.raises(FileNotFoundError, match="no tokens.json"):
+        tasks_lib.get(runlocal(data_dir, f"data.tokens={tmp_path}", arg=ARG))

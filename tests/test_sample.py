@@ -248,8 +248,12 @@ def test_samples_feed_the_fid_statistics(baseline):
         def __call__(self, batch):
             assert batch.dtype == np.float32 and batch.max() <= 255
             return {"pool": batch.reshape(batch.shape[0], -1)[:, :4].astype(np.float64)}
-    with np.load(out) as npz:
-        stats = fid_lib.image_statistics(npz["arr_0"], Runner())
+    # `titok-jax fid samples.npz ...` streams arr_0 from the archive, batch by batch.
+    batches = list(fid_lib.npz_image_batches(str(out), 5))
+    assert [len(b) for b in batches] == [5] * (NUM_SAMPLES // 5) + (
+        [NUM_SAMPLES % 5] if NUM_SAMPLES % 5 else [])
+    np.testing.assert_array_equal(np.concatenate(batches), arrays["arr_0"])
+    stats = fid_lib.image_statistics(str(out), Runner())
     mu, sigma = fid_lib.load_reference(str(out), Runner())
     np.testing.assert_allclose(mu, arrays["arr_0"].reshape(NUM_SAMPLES, -1)[:, :4].mean(0))
     assert stats.count == NUM_SAMPLES and np.allclose(stats.mu, mu) and np.allclose(stats.sigma,

@@ -1,5 +1,5 @@
 """``titok-jax`` command line: reconstruct, tokenize, export, import, train, eval, fid,
-fetch-inception, alit-eval, sample-images.
+fetch-inception, alit-eval, sample-images, pretokenize, sample.
 
 TiTok models (``--model titok_*``) and ALIT models (``--model alit_*``, with ``--adaptive`` or
 ``--tokens``) share the commands."""
@@ -230,6 +230,8 @@ def cmd_eval(args, overrides: list[str]) -> int:
 
 
 def _image_set(path: str):
+    """A folder of images, a ``.npy`` array, or the path of an ADM-layout ``.npz`` (``arr_0``:
+    uint8 [N, H, W, 3], as ``titok-jax sample`` writes; streamed in batches)."""
     return np.load(path) if path.endswith(".npy") else path
 
 
@@ -332,7 +334,8 @@ def _add_eval_parsers(sub) -> None:
 
     p = sub.add_parser("fid", help="FID (and IS) between two image sets: folders, .npy arrays "
                                    "or reference .npz statistics")
-    p.add_argument("images", help="folder of images or .npy array [N, H, W, 3]")
+    p.add_argument("images", help="folder of images, .npy array [N, H, W, 3] or ADM .npz "
+                                  "(arr_0, e.g. from titok-jax sample)")
     p.add_argument("reference", help="folder, .npy, or .npz (mu/sigma or ADM arr_0 images)")
     p.add_argument("--inception-fc", default=None,
                    help="pytorch-fid pt_inception-2015-12-05-*.pth: also report the IS")
@@ -415,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample_images)
 
     _add_eval_parsers(sub)
+    # Generation: pre-tokenized training data, and class-conditional samples (ADM .npz).
+    from titok_jax import pretokenize, synthesis
+    pretokenize.add_parser(sub)
+    synthesis.add_parser(sub)
     return parser
 
 

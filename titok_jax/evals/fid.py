@@ -148,9 +148,42 @@ class InceptionRunner:
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 
 
+def npz_image_batches(path: str | os.PathLike, batch_size: int,
+                      key: str = "arr_0") -> Iterator[np.ndarray]:
+    """The images ``key`` (uint8 ``[N, H, W, 3]``) of an ``.npz`` (local or ``gs://``), read
+    ``batch_size`` at a time from the archive member, so that 50k samples (~10 GB at 256^2, as
+    ``titok-jax sample`` and ADM write them) never sit in memory at once."""
+    import zipfile
+    with as_path(path).open("rb") as f, zipfile.ZipFile(f) as archive:
+        if f"{key}.npy" not in archive.namelist():
+            raise ValueError(f"{os.fspath(path)} has no {key} (it holds "
+                             f"{sorted(n[:-4] for n in archive.namelist())})")
+        with archive.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(member)
+            if fortran or len(shape) != 4 or shape[-1] != 3:
+                raise ValueError(f"{os.fspath(path)}: {key} must be C-ordered images [N, H, W, "
+                                 f"3], got shape {shape}{' (Fortran order)' if fortran else ''}")
+            row = int(np.prod(shape[1:])) * dtype.itemsize
+            for start in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - start)
+                data = member.read(n * row)
+                if len(data) != n * row:
+                    raise ValueError(f"{os.fspath(path)}: {key} is truncated at image {start}")
+                yield np.frombuffer(data, dtype).reshape((n,) + tuple(shape[1:]))
+
+
 def _image_batches(images: np.ndarray | str, batch_size: int) -> Iterator[np.ndarray]:
-    """Batches of 0..255 float32 images from an array (uint8, or float in [0, 1]) or a folder
-    (every decodable image at its own size, see :class:`titok_jax.data.folders.ImageFolder`)."""
+    """Batches of 0..255 float32 images from an array (uint8, or float in [0, 1]), an ``.npz``
+    holding ``arr_0`` (streamed, :func:`npz_image_batches`) or a folder (every decodable image
+    at its own size, see :class:`titok_jax.data.folders.ImageFolder`)."""
+    if isinstance(images, (str, os.PathLike)) and os.fspath(images).endswith(".npz"):
+        for chunk in npz_image_batches(images, batch_size):
+            yield (chunk.astype(np.float32) if chunk.dtype == np.uint8
+                   else np.asarray(uint8_values(jnp.asarray(chunk, jnp.float32))))
+        return
     if isinstance(images, (str, os.PathLike)):
         from titok_jax.data.folders import ImageFolder
         folder = ImageFolder(images, None, batch_size)
