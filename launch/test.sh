@@ -8,4 +8,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/env.sh"
 cd "$ROOT"
-exec python -m pytest -q -n "${TITOK_TEST_WORKERS:-2}" "$@"
+exec python -m pytest -q -n "${TITOK_TEST_WORKERS:-2}" --durations=15 "$@"
