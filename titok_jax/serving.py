@@ -22,6 +22,9 @@ a folder without it is an interrupted export):
   value ranges), and the model (kind, name, config, image size, token count, codebook size),
   platforms, jax version, calling convention, the weights file and its keys, and how to call.
 * ``serve.py``: :data:`LOADER_SCRIPT`, a runnable standalone consumer (jax + numpy only).
+* with ``--saved-model``: ``saved_model/``, a TF SavedModel of the same functions through
+  ``jax2tf`` (the same StableHLO in ``XlaCallModule`` ops, batch ``None``), weights as its
+  variables (a second copy on disk); ``tf.saved_model.load(...).encode(images)``.
 
 Functions (every one is ``f(params, *inputs)``; ``params`` is the dict read from ``params.npz``):
 
@@ -79,6 +82,7 @@ SIGNATURE_FILE = "signature.json"
 WEIGHTS_FILE = "params.npz"
 LOADER_FILE = "serve.py"
 SUFFIX = ".jaxexport"
+SAVED_MODEL_DIR = "saved_model"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
@@ -279,10 +283,54 @@ def _abstract_params(params: dict) -> dict:
             for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
+def _flat(fn: Callable) -> Callable:
+    """``fn`` taking the params as ``params.npz`` holds them: ``{"a/b/c": array}``."""
+    def flat_fn(flat, *inputs):
+        return fn(traverse_util.unflatten_dict(flat, sep="/"), *inputs)
+    return flat_fn
+
+
+def _bind_params(fn: Callable, params) -> Callable:
+    def call(*inputs):
+        return fn(params, *inputs)
+    return call
+
+
+def write_saved_model(directory: str, functions: Sequence[Function], params: dict,
+                      platforms: Sequence[str]) -> dict:
+    """A TF SavedModel through ``jax2tf`` (native serialisation: each signature runs the same
+    StableHLO in an ``XlaCallModule`` op; the batch stays symbolic). The weights become its
+    variables, a second copy on disk next to ``params.npz``. Returns its signature entry."""
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    module = tf.Module()
+    module.params = {k: tf.Variable(np.asarray(v), trainable=False, name=k.replace("/", "."))
+                     for k, v in flat.items()}
+    signatures = {}
+    for f in functions:
+        converted = jax2tf.convert(
+            _flat(f.fn), with_gradient=False, native_serialization_platforms=tuple(platforms),
+            polymorphic_shapes=[None, *(", ".join(map(str, t.shape)) for t in f.inputs)])
+        tf_fn = tf.function(_bind_params(converted, module.params), autograph=False,
+                            input_signature=[tf.TensorSpec([None if d == "b" else d
+                                                            for d in t.shape], t.dtype, t.name)
+                                             for t in f.inputs])
+        setattr(module, f.name, tf_fn)
+        signatures[f.name] = tf_fn.get_concrete_function()
+    tf.saved_model.save(module, directory, signatures=signatures)
+    return dict(dir=os.path.basename(directory), signatures=sorted(signatures),
+                tensorflow_version=tf.__version__,
+                calling="m = tf.saved_model.load(dir); m.<function>(*inputs) or "
+                        "m.signatures[<function>](**inputs)")
+
+
 def write_export(out_dir: str | os.PathLike, functions: Sequence[Function], params: dict,
-                 model: dict, platforms: Sequence[str] = ("cpu",)) -> dict:
-    """Exports ``functions`` with a symbolic batch into ``out_dir`` (see the module docstring)
-    and returns the signature written to ``signature.json``."""
+                 model: dict, platforms: Sequence[str] = ("cpu",),
+                 saved_model: bool = False) -> dict:
+    """Exports ``functions`` with a symbolic batch into ``out_dir`` (see the module docstring),
+    with ``saved_model`` also as a TF SavedModel in ``out_dir/saved_model``; returns the
+    signature written to ``signature.json``."""
     platforms = check_platforms(platforms)
     out = epath.Path(out_dir)
     _check_out_dir(out)
@@ -290,9 +338,7 @@ def write_export(out_dir: str | os.PathLike, functions: Sequence[Function], para
     (batch,) = jax.export.symbolic_shape("b")
     exported = {}
     for f in functions:  # everything is lowered before anything is written
-        def flat_fn(flat, *inputs, fn=f.fn):
-            return fn(traverse_util.unflatten_dict(flat, sep="/"), *inputs)
-        exp = jax.export.export(jax.jit(flat_fn), platforms=platforms)(
+        exp = jax.export.export(jax.jit(_flat(f.fn)), platforms=platforms)(
             abstract, *(t.abstract(batch) for t in f.inputs))
         exported[f.name] = (exp, exp.serialize())
     out.mkdir(parents=True, exist_ok=True)
@@ -310,30 +356,33 @@ def write_export(out_dir: str | os.PathLike, functions: Sequence[Function], para
         signature["functions"][f.name] = dict(
             file=path.name, bytes=len(exported[f.name][1]), doc=f.doc,
             inputs=[t.spec() for t in f.inputs], output=f.output.spec())
+    if saved_model:
+        signature["saved_model"] = write_saved_model(os.fspath(out / SAVED_MODEL_DIR),
+                                                     functions, params, platforms)
     (out / LOADER_FILE).write_text(LOADER_SCRIPT)
     (out / SIGNATURE_FILE).write_text(json.dumps(signature, indent=1))
     return signature
 
 
-def export_tokenizer(tok, out_dir: str | os.PathLike, platforms: Sequence[str] = ("cpu",)
-                     ) -> dict:
+def export_tokenizer(tok, out_dir: str | os.PathLike, platforms: Sequence[str] = ("cpu",),
+                     saved_model: bool = False) -> dict:
     """Writes ``encode`` and ``decode_tokens`` of a TiTok :class:`Tokenizer`; returns the
     signature."""
-    return write_export(out_dir, *tokenizer_functions(tok), platforms=platforms)
+    return write_export(out_dir, *tokenizer_functions(tok), platforms, saved_model)
 
 
 def export_generator(gen, out_dir: str | os.PathLike, platforms: Sequence[str] = ("cpu",),
-                     settings=None) -> dict:
+                     saved_model: bool = False, settings=None) -> dict:
     """Writes ``sample`` of a MaskGIT :class:`Generator` (``settings``: a ``SamplingConfig``,
     default its ``sampling_defaults``); returns the signature."""
-    return write_export(out_dir, *generator_functions(gen, settings), platforms=platforms)
+    return write_export(out_dir, *generator_functions(gen, settings), platforms, saved_model)
 
 
 def export_alit(alit, out_dir: str | os.PathLike, platforms: Sequence[str] = ("cpu",),
-                token_counts: Sequence[int] | None = None) -> dict:
+                saved_model: bool = False, token_counts: Sequence[int] | None = None) -> dict:
     """Writes ``encode_<n>`` per token count and the masked ``decode_tokens`` of an
     :class:`ALITTokenizer`; returns the signature."""
-    return write_export(out_dir, *alit_functions(alit, token_counts), platforms=platforms)
+    return write_export(out_dir, *alit_functions(alit, token_counts), platforms, saved_model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +459,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="output folder (new or empty): *.jaxexport, params.npz, signature.json")
     p.add_argument("--platforms", default="cpu",
                    help=f"comma-separated platforms to lower for, of {','.join(PLATFORMS)}")
+    p.add_argument("--saved-model", action="store_true",
+                   help="also a TF SavedModel (jax2tf; needs tensorflow) in OUT/saved_model, "
+                        "with its own copy of the weights")
     tokenizer = p.add_argument_group("a tokenizer (TiTok or ALIT)")
     _add_model_args(tokenizer)
     for action in tokenizer._group_actions:  # not needed with --generator-weights
@@ -437,18 +489,18 @@ def run(args: argparse.Namespace) -> int:
     if args.generator_weights is not None:
         import titok_jax
         sig = export_generator(titok_jax.load_generator(args.generator, args.generator_weights),
-                               args.out, platforms)
+                               args.out, platforms, args.saved_model)
     else:
         from titok_jax.cli import _is_alit, _load
         model = _load(args)
         if _is_alit(args):
             counts = None if args.alit_tokens is None else [
                 int(c) for c in args.alit_tokens.split(",") if c.strip()]
-            sig = export_alit(model, args.out, platforms, counts)
+            sig = export_alit(model, args.out, platforms, args.saved_model, counts)
         else:
             if args.alit_tokens is not None:
                 raise ValueError("--alit-tokens applies to ALIT models only")
-            sig = export_tokenizer(model, args.out, platforms)
+            sig = export_tokenizer(model, args.out, platforms, args.saved_model)
     sizes = ", ".join(f"{n} {f['bytes'] / 1e3:.0f} kB" for n, f in sig["functions"].items())
     print(f"wrote {sizes} and {sig['weights']['file']} "
           f"{sig['weights']['bytes'] / 1e6:.1f} MB for {','.join(platforms)} to {args.out} "
