@@ -13,6 +13,15 @@ Arguments:
     VQ model on proxy codes of a tiny VQGAN; stage=2: its decoder fine-tuning (256x256);
     variant=tiny-pixel: a VQ pixel model; variant=tiny-vq: the same at 64x64 (the generator
     demo's tokenizer, best with objective=gan for its codebook re-seeding).
+  tail_drop: train for variable length (``config.tail_drop.enabled``; see below).
+
+Tail drop (``config.tail_drop``, every task; One-D-Piece's tail-token drop, FlexTok's nested
+dropout): each training example's decoder sees only its first k latent tokens, k drawn per
+example from the step key: ``uniform`` over [min_tokens, N], or ``pow2`` (uniform over the powers
+of two in [min_tokens, N] and N). The dropped tokens are removed by attention masking in the
+decoder (no new parameter), the rule by which any TiTok decodes k < N tokens at inference
+(``Tokenizer.decode_tokens(ids[:, :k])``, ``--tokens k``, ``eval --token-counts``). The encoder,
+the quantizer and its loss (or the KL) still see all N tokens.
 
 Recipes (``configs/training/TiTok/stage{1,2}/*.yaml``, the TA-TiTok single-stage yaml and the
 maintainers' answer in bytedance/1d-tokenizer#67):
@@ -38,7 +47,7 @@ from titok_jax.config_arg import add_run_fields, parse_arg
 
 
 def get_config(arg: str | None = None):
-    a = parse_arg(arg, variant="L-32", stage=0, objective="", runlocal=False)
+    a = parse_arg(arg, variant="L-32", stage=0, objective="", runlocal=False, tail_drop=False)
     config = ml_collections.ConfigDict()
     if a.runlocal:  # a CPU-sized variant: tiny-vae, tiny (stage 1/2) or the one named
         variant = (a.variant if a.variant.startswith("tiny")
@@ -71,6 +80,8 @@ def get_config(arg: str | None = None):
     # Warm start: official weights or a titok-jax folder/workdir (stage 2: the stage-1
     # checkpoint, required).
     config.init_from = ""
+    config.tail_drop = ml_collections.ConfigDict(dict(
+        enabled=a.tail_drop, min_tokens=1, distribution="uniform"))
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, end_lr=1e-5, b1=0.9, b2=0.999 if stage2 else 0.99, eps=1e-8, weight_decay=1e-4,

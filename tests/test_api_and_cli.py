@@ -46,8 +46,8 @@ def test_bad_images_are_named(tok, images, message):
 
 def test_bad_tokens_are_named(tok, inputs):
     ids = np.asarray(tok.encode(inputs))
-    with pytest.raises(ValueError, match=r"token ids \[B, 16\]"):
-        tok.decode_tokens(ids[:, :8])
+    with pytest.raises(ValueError, match=r"token ids \[B, 16\]"):  # k <= N tokens decode
+        tok.decode_tokens(np.concatenate([ids, ids], axis=1))
     with pytest.raises(ValueError, match="integer token ids"):
         tok.decode_tokens(ids.astype(np.float32))
     with pytest.raises(ValueError, match=r"must lie in \[0, 64\)"):

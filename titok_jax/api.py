@@ -3,6 +3,7 @@
     tok = titok_jax.load_tokenizer("titok_l32", "tokenizer_titok_l32.bin")
     ids = tok.encode(images)        # float32 [B, 256, 256, 3] in [0, 1] -> int32 [B, 32]
     out = tok.decode_tokens(ids)    # float32 [B, 256, 256, 3] in [0, 1]
+    out = tok.decode_tokens(ids[:, :8])  # the first k tokens only (variable length, k <= N)
     tok.save("my_tokenizer")        # titok-jax folder (config.json + params.safetensors)
     titok_jax.export_pytorch(tok, "model.safetensors")  # official PyTorch key names
 """
@@ -63,6 +64,11 @@ class Tokenizer:
 
     For a stage-1 model (``finetune_decoder`` False, proxy-code head) ``decode_tokens`` needs a
     MaskGIT-VQGAN (``vqgan``): the argmax proxy codes are decoded by it, as in official training.
+
+    Variable length: ``decode_tokens`` takes the first k of the N tokens (``[B, k]``, 1 <= k <=
+    N); the missing tail is removed by attention masking in the decoder (``models/titok.py``),
+    the rule tail-drop training (``config.tail_drop``) trains for. Any TiTok decodes that way;
+    one trained without tail drop just degrades faster as k shrinks.
     """
 
     def __init__(self, model_config: ml_collections.ConfigDict, params: dict,
@@ -106,18 +112,20 @@ class Tokenizer:
         return self._encode(self._vars(), check_images(images, self.image_size))
 
     def _check_tokens(self, tokens: Any) -> jax.Array:
+        """Ids ``[B, k]`` (VAE: latents ``[B, k, C]``), 1 <= k <= N, validated."""
         shape = tuple(np.shape(tokens))
         n = self.num_tokens
+        fewer = f"(or the first k <= {n} of them)"
         if self.is_vae:
             c = self.config.token_size
-            if len(shape) != 3 or shape[1:] != (n, c):
-                raise ValueError(f"expected VAE latents [B, {n}, {c}], got shape {shape}")
+            if len(shape) != 3 or shape[2] != c or not 1 <= shape[1] <= n:
+                raise ValueError(f"expected VAE latents [B, {n}, {c}] {fewer}, got shape {shape}")
             return jnp.asarray(tokens, jnp.float32)
         if len(shape) == 3 and shape[1] == 1:  # the official [B, 1, N] layout
             tokens = np.asarray(tokens)[:, 0]
             shape = tokens.shape
-        if len(shape) != 2 or shape[1] != n:
-            raise ValueError(f"expected token ids [B, {n}], got shape {shape}")
+        if len(shape) != 2 or not 1 <= shape[1] <= n:
+            raise ValueError(f"expected token ids [B, {n}] {fewer}, got shape {shape}")
         if not np.issubdtype(np.dtype(getattr(tokens, "dtype", np.float64)), np.integer):
             raise ValueError(f"expected integer token ids, got dtype {tokens.dtype}")
         ids = jnp.asarray(tokens, jnp.int32)
@@ -129,10 +137,18 @@ class Tokenizer:
 
     def decode_raw(self, tokens: Any) -> jax.Array:
         """The model's decoder output, unclamped: RGB, or proxy logits for a stage-1 model."""
-        return self._decode_tokens(self._vars(), self._check_tokens(tokens))
+        tokens = self._check_tokens(tokens)
+        b, k = tokens.shape[:2]
+        if k == self.num_tokens:
+            return self._decode_tokens(self._vars(), tokens)
+        # Padded to N (one compiled shape for every k) and masked from k on.
+        pad = [(0, 0), (0, self.num_tokens - k)] + [(0, 0)] * (tokens.ndim - 2)
+        return self._decode_tokens(self._vars(), jnp.pad(tokens, pad),
+                                   jnp.full((b,), k, jnp.int32))
 
     def decode_tokens(self, tokens: Any) -> jax.Array:
-        """float32 images ``[B, H, W, 3]`` clipped to [0, 1]."""
+        """float32 images ``[B, H, W, 3]`` clipped to [0, 1], from ids ``[B, k]`` (VAE: latents
+        ``[B, k, C]``), the first k <= N tokens of :meth:`encode`."""
         out = self.decode_raw(tokens)
         if self.module.outputs_proxy_codes:
             if self.vqgan is None:
@@ -141,8 +157,10 @@ class Tokenizer:
             return self.vqgan.decode(jnp.argmax(out, axis=-1).reshape(out.shape[0], -1))
         return jnp.clip(out, 0.0, 1.0)
 
-    def reconstruct(self, images: Any) -> jax.Array:
-        return self.decode_tokens(self.encode(images))
+    def reconstruct(self, images: Any, num_tokens: int | None = None) -> jax.Array:
+        """Encode + decode; ``num_tokens``: decode only the first k tokens."""
+        tokens = self.encode(images)
+        return self.decode_tokens(tokens if num_tokens is None else tokens[:, :num_tokens])
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes a titok-jax checkpoint folder that :func:`load_tokenizer` reads back exactly."""

@@ -2,6 +2,14 @@
 
 Layouts: images NHWC in [0, 1]; latents token-major ``[B, N, C]`` (the official code's fake-2D
 ``[B, C, 1, N]`` is only a storage convention); proxy logits ``[B, 16, 16, K]``.
+
+Variable length (tail drop, as One-D-Piece / FlexTok): the decoder can see only the first k of
+the N latent tokens. Rule: the dropped tokens are *removed*, by attention masking. The decoder
+sequence is ``[cls, grid mask tokens, latents]``, so the latents are its tail and the keys after
+position ``1 + grid**2 + k`` are masked in every block (``kv_lengths``): the kept positions never
+see the dropped ones, exactly as if the sequence ended there. No parameter is added, shapes stay
+fixed (per-example k is a traced ``[B]`` array) and any released model decodes k < N by the same
+rule; with ``num_tokens`` None nothing is masked (the original computation, bit for bit).
 """
 from __future__ import annotations
 
@@ -113,7 +121,9 @@ class TiTokDecoder(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:
+    def __call__(self, z: jax.Array, num_tokens: jax.Array | None = None) -> jax.Array:
+        """``z``: latents ``[B, n, C]``, n <= N. ``num_tokens`` (int ``[B]``, optional): decode
+        only the first ``num_tokens[b]`` latents of example b (the rest removed by masking)."""
         w, n_max = self.arch.width, self.num_latent_tokens
         grid, p = self.image_size // self.patch_size, self.patch_size
         b, n, _ = z.shape
@@ -128,8 +138,11 @@ class TiTokDecoder(nn.Module):
         x = x + latent_pos[:n].astype(x.dtype)
         x = jnp.concatenate([masks, x], axis=1)
         x = layer_norm("ln_pre", self.dtype)(x)
+        kv_lengths = None if num_tokens is None else (
+            1 + grid * grid + jnp.asarray(num_tokens, jnp.int32))
         x = transformer_blocks(x, self.arch.depth, self.arch.num_heads,
-                               mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype, remat=self.remat)
+                               mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype, remat=self.remat,
+                               kv_lengths=kv_lengths)
         x = layer_norm("ln_post", self.dtype)(x[:, 1:1 + grid * grid])
         x = x.reshape(b, grid, grid, w)
         if self.is_legacy:
@@ -148,7 +161,7 @@ class TiTokDecoder(nn.Module):
 class TiTokOutput(NamedTuple):
     decoded: jax.Array          # proxy logits [B, g, g, K] (stage 1) or RGB [B, H, W, 3], unclamped
     encoder_out: jax.Array      # [B, N, C] (VQ) or [B, N, 2C] (VAE moments)
-    z_quantized: jax.Array      # what the decoder saw, [B, N, C]
+    z_quantized: jax.Array      # the decoder's input, [B, N, C] (tail drop: first k seen)
     ids: jax.Array | None       # int32 [B, N] (VQ) or None
     quantizer: QuantizerOutput | None
     posterior: DiagonalGaussian | None
@@ -223,25 +236,35 @@ class TiTok(nn.Module):
         """Latents ``[B, N, C]`` for int token ids ``[B, N]`` (VQ only)."""
         return self.quantize.lookup(ids)
 
-    def decode(self, z: jax.Array) -> jax.Array:
-        """Latents ``[B, N, C]`` -> RGB ``[B, H, W, 3]`` (unclamped) or proxy logits."""
-        out = self.decoder(z)
+    def decode(self, z: jax.Array, num_tokens: jax.Array | None = None) -> jax.Array:
+        """Latents ``[B, N, C]`` -> RGB ``[B, H, W, 3]`` (unclamped) or proxy logits.
+
+        ``num_tokens`` (int ``[B]``): only the first k tokens of each example are decoded, the
+        others removed by attention masking (see the module docstring)."""
+        out = self.decoder(z, num_tokens)
         if self.finetune_decoder:
             probs = jax.nn.softmax(out, axis=-1)
             soft = jnp.einsum("bhwk,kd->bhwd", probs, self.pixel_quantize.embedding)
             out = self.pixel_decoder(soft)
         return out
 
-    def decode_tokens(self, tokens: jax.Array) -> jax.Array:
-        """VQ: int ids ``[B, N]``; VAE: continuous latents ``[B, N, C]``."""
-        return self.decode(tokens if self.quantize_mode == "vae" else self.lookup(tokens))
+    def decode_tokens(self, tokens: jax.Array, num_tokens: jax.Array | None = None) -> jax.Array:
+        """VQ: int ids ``[B, N]``; VAE: continuous latents ``[B, N, C]``; ``num_tokens`` as in
+        :meth:`decode`."""
+        return self.decode(tokens if self.quantize_mode == "vae" else self.lookup(tokens),
+                           num_tokens)
 
-    def __call__(self, images: jax.Array, rng: jax.Array | None = None) -> TiTokOutput:
-        """Training forward. The VAE samples its posterior from ``rng`` (mode when None)."""
+    def __call__(self, images: jax.Array, rng: jax.Array | None = None,
+                 num_tokens: jax.Array | None = None) -> TiTokOutput:
+        """Training forward. The VAE samples its posterior from ``rng`` (mode when None).
+
+        ``num_tokens`` (int ``[B]``, tail drop): the decoder sees only the first k tokens of each
+        example; the encoder, the quantizer and its losses still cover all N."""
         z = self.encoder_out(images)
         if self.quantize_mode == "vae":
             post = DiagonalGaussian.from_moments(z)
             zq = post.mode() if rng is None else post.sample(rng)
-            return TiTokOutput(self.decode(zq), z, zq, None, None, post)
+            return TiTokOutput(self.decode(zq, num_tokens), z, zq, None, None, post)
         q = self.quantize(z)
-        return TiTokOutput(self.decode(q.z_quantized), z, q.z_quantized, q.ids, q, None)
+        return TiTokOutput(self.decode(q.z_quantized, num_tokens), z, q.z_quantized, q.ids, q,
+                           None)

@@ -7,6 +7,14 @@
   ``kl_weight`` x KL (VAE): the reconstruction terms of the single-stage recipe, without its
   perceptual and GAN losses (those are ``titok_single_stage``, ``tasks/titok_gan.py``). The CPU
   quickstart uses it.
+
+Tail drop (``config.tail_drop``, every TiTok task, :func:`tail_drop_lengths`): each example's
+decoder sees only its first k latent tokens, k drawn per example from the step key; the dropped
+tokens are removed by attention masking (``models/titok.py``), so the trained model decodes
+k < N at inference by the same rule, with no extra parameter. The encoder and the quantizer run
+on all N tokens and the quantizer loss (or KL) stays over all N: every token must stay a good
+codebook match for the decodes that keep it, and the codebook statistics (and clustering_vq
+re-seeding) keep their meaning.
 """
 from __future__ import annotations
 
@@ -14,6 +22,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 from titok_jax import predict, variants
 from titok_jax.convert.official import name_map_for
@@ -29,6 +39,51 @@ def codebook_stats(ids: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
     p = counts / jnp.maximum(counts.sum(), 1.0)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return {"codebook_usage": jnp.mean(counts > 0), "codebook_perplexity": jnp.exp(entropy)}
+
+
+# fold_in constant of the tail-drop stream: k does not reuse the randomness the step key already
+# drives (the VAE posterior sample), so a run with tail drop off is unchanged.
+_TAIL_DROP_STREAM = 0x7A11D
+
+
+def tail_drop_choices(config: ml_collections.ConfigDict) -> np.ndarray:
+    """The kept lengths ``config.tail_drop`` draws from, uniformly: ``uniform``: every k in
+    [min_tokens, N]; ``pow2``: the powers of two in [min_tokens, N] and N. Raises on a bad
+    block."""
+    td, n = config.tail_drop, config.model.num_latent_tokens
+    if not 1 <= td.min_tokens <= n:
+        raise ValueError(f"config.tail_drop.min_tokens must lie in [1, {n}] (the model has {n} "
+                         f"latent tokens), got {td.min_tokens}")
+    if td.distribution == "uniform":
+        return np.arange(td.min_tokens, n + 1)
+    if td.distribution == "pow2":
+        pow2 = [1 << i for i in range(n.bit_length()) if td.min_tokens <= 1 << i < n]
+        return np.array([*pow2, n])
+    raise ValueError(f"config.tail_drop.distribution must be 'uniform' or 'pow2', got "
+                     f"{td.distribution!r}")
+
+
+def tail_drop_lengths(config: ml_collections.ConfigDict, key: jax.Array,
+                      batch_size: int) -> jax.Array | None:
+    """Per-example kept token counts (int32 ``[B]``) for the decoder, from the step key; None
+    when ``config.tail_drop`` is off (or absent)."""
+    td = config.get("tail_drop")
+    if td is None or not td.enabled:
+        return None
+    choices = jnp.asarray(tail_drop_choices(config), jnp.int32)
+    pick = jax.random.randint(jax.random.fold_in(key, _TAIL_DROP_STREAM), (batch_size,), 0,
+                              len(choices))
+    return choices[pick]
+
+
+def check_tail_drop(config: ml_collections.ConfigDict) -> None:
+    if config.get("tail_drop") is not None and config.tail_drop.enabled:
+        tail_drop_choices(config)
+
+
+def tail_drop_terms(num_tokens: jax.Array | None) -> dict[str, jax.Array]:
+    """The logged mean kept length (tail drop on)."""
+    return {} if num_tokens is None else {"tail_drop_tokens": jnp.mean(num_tokens)}
 
 
 class _TiTokTask(Task):
@@ -53,19 +108,21 @@ class TiTokStage1(_TiTokTask):
                              f"config.model is {config.model.get('variant', config.model.name)}"
                              f" with is_legacy={config.model.get('is_legacy')}, "
                              f"finetune_decoder={config.model.get('finetune_decoder')}")
+        check_tail_drop(config)
 
     def train_step(self, state, batch, frozen, key):
-        del key
         teacher = variants.build_model(predict.teacher_config(self.config))
         images = batch["image"]
         targets = jax.lax.stop_gradient(teacher.apply({"params": frozen["teacher"]}, images,
                                                       method=teacher.encode))
         codebook_size = self.config.model.codebook_size
+        num_tokens = tail_drop_lengths(self.config, key, images.shape[0])
 
         def loss_fn(params):
-            out = self.model.apply({"params": params}, images)
+            out = self.model.apply({"params": params}, images, num_tokens=num_tokens)
             loss, terms = stage1_loss(out.decoded, targets, out.quantizer,
                                       self.config.quantizer_weight)
+            terms.update(tail_drop_terms(num_tokens))
             terms["proxy_accuracy"] = jnp.mean(
                 jnp.argmax(out.decoded, -1).reshape(targets.shape) == targets)
             terms.update(codebook_stats(out.ids, codebook_size))
@@ -86,20 +143,25 @@ def check_pixel_model(config, task: str) -> None:
 class TiTokPixel(_TiTokTask):
     def check(self, config):
         check_pixel_model(config, self.name)
+        check_tail_drop(config)
 
     def train_step(self, state, batch, frozen, key):
         del frozen
         images = batch["image"]
         vae = self.config.model.quantize_mode == "vae"
+        num_tokens = tail_drop_lengths(self.config, key, images.shape[0])
 
         def loss_fn(params: Any):
-            out = self.model.apply({"params": params}, images, rng=key if vae else None)
+            out = self.model.apply({"params": params}, images, rng=key if vae else None,
+                                   num_tokens=num_tokens)
             mse = jnp.mean(jnp.square(out.decoded - images))
             if vae:  # official: kl_weight x sum(KL) / batch
                 kl = self.config.kl_weight * jnp.sum(out.posterior.kl()) / images.shape[0]
-                return mse + kl, {"reconstruction_loss": mse, "kl_loss": kl}
+                return mse + kl, {"reconstruction_loss": mse, "kl_loss": kl,
+                                  **tail_drop_terms(num_tokens)}
             q = self.config.quantizer_weight * out.quantizer.quantizer_loss
-            terms = {"reconstruction_loss": mse, "quantizer_loss": q}
+            terms = {"reconstruction_loss": mse, "quantizer_loss": q,
+                     **tail_drop_terms(num_tokens)}
             terms.update(codebook_stats(out.ids, self.config.model.codebook_size))
             return mse + q, terms
         return self._update(state, loss_fn)

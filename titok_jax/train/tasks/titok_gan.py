@@ -22,6 +22,9 @@ discriminator and LeCam EMAs; both groups then update under one non-finite guard
 discriminator's schedule runs over its own updates (warm-up + cosine over
 ``total_steps - discriminator_start``), as the official scheduler is stepped only on
 discriminator steps.
+
+Tail drop (``config.tail_drop``) works here as in ``tasks/titok.py``: the generator's decoder sees
+the first k tokens of each example (k from the step key), the quantizer loss or KL covers all N.
 """
 from __future__ import annotations
 
@@ -40,7 +43,13 @@ from titok_jax.convert.official import name_map_for
 from titok_jax.train.state import adamw, apply_updates
 from titok_jax.train.tasks import register
 from titok_jax.train.tasks.base import Task
-from titok_jax.train.tasks.titok import check_pixel_model, codebook_stats
+from titok_jax.train.tasks.titok import (
+    check_pixel_model,
+    check_tail_drop,
+    codebook_stats,
+    tail_drop_lengths,
+    tail_drop_terms,
+)
 
 DISCRIMINATOR = "discriminator"
 # The parts of a finetune_decoder TiTok that stage 2 trains; the rest (encoder, quantize,
@@ -119,15 +128,17 @@ class _GanTask(Task):
         """(reconstruction, quantizer terms or None, per-image KL or None, extra metrics,
         encoder latents)."""
         vae = self.config.model.quantize_mode == "vae"
+        num_tokens = tail_drop_lengths(self.config, key, images.shape[0])
         out = self.model.apply({"params": self.model_params(params, frozen)}, images,
-                               rng=key if vae else None)
+                               rng=key if vae else None, num_tokens=num_tokens)
+        extra = tail_drop_terms(num_tokens)
         if vae:
-            return out.decoded, None, out.posterior.kl(), {}, out.encoder_out
+            return out.decoded, None, out.posterior.kl(), extra, out.encoder_out
         q = out.quantizer
         terms = {"quantizer_loss": q.quantizer_loss, "commitment_loss": q.commitment_loss,
                  "codebook_loss": q.codebook_loss}
-        stats = codebook_stats(out.ids, self.config.model.codebook_size)
-        return out.decoded, terms, None, stats, out.encoder_out
+        extra.update(codebook_stats(out.ids, self.config.model.codebook_size))
+        return out.decoded, terms, None, extra, out.encoder_out
 
     def _step(self, state, batch, frozen, key, *, gan: bool):
         from titok_jax.gan.losses import discriminator_loss, generator_loss
@@ -212,6 +223,7 @@ class TiTokSingleStage(_GanTask):
     def check(self, config):
         check_pixel_model(config, self.name)
         self.check_clustering(config)
+        check_tail_drop(config)
 
 
 @register("titok_stage2")
@@ -244,6 +256,7 @@ class TiTokStage2(_GanTask):
         if config.teacher.weights:
             _require_exists(config.teacher.weights,
                             "config.teacher.weights (the MaskGIT-VQGAN of the pixel decoder)")
+        check_tail_drop(config)
 
     def optimizers(self, abstract_params):
         opts = super().optimizers(abstract_params)
