@@ -1,8 +1,8 @@
 """``titok-jax`` command line: reconstruct, tokenize, export, import, train, eval, fid,
 fetch-inception, alit-eval, sample-images, pretokenize, sample.
 
-TiTok models (``--model titok_*``) and ALIT models (``--model alit_*``, with ``--adaptive`` or
-``--tokens``) share the commands."""
+TiTok models (``--model titok_*``) and ALIT models (``--model alit_*``, with ``--adaptive``)
+share the commands; ``--tokens k`` decodes the first k tokens of either (TiTok: any k <= N)."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +30,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
 
 
-def _add_alit_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ALIT (adaptive length)")
+def _add_length_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("token count (TiTok: --tokens; ALIT: --tokens or --adaptive)")
     g.add_argument("--adaptive", action="store_true",
                    help="choose each image's token count by reconstruction L1 < --threshold")
     g.add_argument("--threshold", type=float, default=0.07,
@@ -39,7 +39,9 @@ def _add_alit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-batch", action="store_true",
                    help="the official rule: one token count per batch (default: per image)")
     g.add_argument("--tokens", type=int, default=None,
-                   help="fixed token count (a multiple of 32 up to 256; default: the maximum)")
+                   help="fixed token count (default: all). TiTok: the first k of its N tokens "
+                        "(the rest removed in the decoder, as tail-drop training does); ALIT: a "
+                        "multiple of 32 up to 256")
     g.add_argument("--seed", type=int, default=None,
                    help="run the official stochastic (Bernoulli) 2D-token halting with this seed; "
                         "default: the deterministic threshold rule")
@@ -58,6 +60,16 @@ def _load(args):
         return titok_jax.load_alit(args.model, args.weights, dtype=args.dtype)
     return titok_jax.load_tokenizer(args.model, args.weights, stage=args.stage,
                                     vqgan_path=args.vqgan, dtype=args.dtype)
+
+
+def _titok_tokens(tok, args) -> int | None:
+    """The checked ``--tokens`` of a TiTok run (None: all N)."""
+    if args.adaptive:
+        raise ValueError("--adaptive is ALIT's; a TiTok takes a fixed --tokens k")
+    if args.tokens is not None and not 1 <= args.tokens <= tok.num_tokens:
+        raise ValueError(f"--tokens must lie in [1, {tok.num_tokens}] for this TiTok "
+                         f"({tok.num_tokens} latent tokens), got {args.tokens}")
+    return args.tokens
 
 
 def _alit_encode(tok, batch, args, with_recon: bool = False):
@@ -101,6 +113,7 @@ def cmd_reconstruct(args) -> int:
     from titok_jax.data.images import save_png, side_by_side_grid
     tok = _load(args)
     alit = _is_alit(args)
+    num_tokens = None if alit else _titok_tokens(tok, args)
     folder = _folder(args.images, tok.image_size, args.batch_size)
     os.makedirs(args.out, exist_ok=True)
     grid_pairs, written, counts = [], 0, {}
@@ -110,7 +123,7 @@ def cmd_reconstruct(args) -> int:
             ids, lengths, recon = _alit_encode(tok, batch, args, with_recon=True)
             counts.update({os.path.basename(p): int(n) for p, n in zip(paths, lengths)})
         else:
-            recon = np.asarray(tok.reconstruct(batch))
+            recon = np.asarray(tok.reconstruct(batch, num_tokens))
         for path, original, rec in zip(paths, batch, recon):
             stem = os.path.splitext(os.path.basename(path))[0]
             save_png(rec, os.path.join(args.out, f"{stem}_recon.png"))
@@ -134,6 +147,7 @@ def cmd_reconstruct(args) -> int:
 def cmd_tokenize(args) -> int:
     tok = _load(args)
     alit = _is_alit(args)
+    num_tokens = None if alit else _titok_tokens(tok, args)
     folder = _folder(args.images, tok.image_size, args.batch_size)
     names, tokens, lengths = [], [], []
     for item in _with_progress(folder):
@@ -143,7 +157,7 @@ def cmd_tokenize(args) -> int:
             tokens.append(ids)
             lengths.append(n)
         else:
-            tokens.append(np.asarray(tok.encode(batch)))
+            tokens.append(np.asarray(tok.encode(batch))[:, :num_tokens])
         names.extend(paths)
     if not names:
         raise SystemExit("error: none of the images could be read")
@@ -212,20 +226,45 @@ def cmd_eval(args, overrides: list[str]) -> int:
     mesh = sharding.make_mesh()
     params = jax.device_put(checkpoint.params(config), sharding.replicated(mesh))
     split = args.split or config.data.eval_split
-    evaluation = runner.from_config(config, resolve_data_dir(config.data), mesh,
-                                    evals=args.evals, split=split, progress=True)
-    results = evaluation(params)
-    out = args.out or os.fspath(
-        checkpoint.directory / f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_')}.json")
+    stem = f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_')}"
     meta = {"checkpoint": checkpoint.path, "kind": checkpoint.kind, "step": checkpoint.step,
             "model": config.model.to_dict(), "split": split,
             "evals": args.evals or config.evals}
+    if args.token_counts:
+        return _eval_curves(args, config, params, mesh, split, meta,
+                            args.out or os.fspath(checkpoint.directory / f"{stem}_tokens.json"))
+    if args.compare:
+        raise ValueError("--compare overlays --token-counts curves: pass --token-counts")
+    evaluation = runner.from_config(config, resolve_data_dir(config.data), mesh,
+                                    evals=args.evals, split=split, progress=True)
+    results = evaluation(params)
+    out = args.out or os.fspath(checkpoint.directory / f"{stem}.json")
     runner.write_results(results, out, meta)
     tensorboard = config.get("tensorboard", True)
     if tensorboard:
         runner.write_scalars(results, os.path.dirname(out) or ".", checkpoint.step or 0)
     print(json.dumps(results, indent=2, sort_keys=True))
     print(f"wrote {out}" + (" (and TensorBoard scalars next to it)" if tensorboard else ""))
+    return 0
+
+
+def _eval_curves(args, config, params, mesh, split: str, meta: dict, out: str) -> int:
+    """``eval --token-counts``: the evaluators at each token count, JSON + plot."""
+    from titok_jax.data.pipeline import resolve_data_dir
+    from titok_jax.evals import curves
+    counts = curves.parse_counts(args.token_counts)
+    thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    report = curves.evaluate(config, params, resolve_data_dir(config.data), mesh, counts,
+                             evals=args.evals, split=split, thresholds=thresholds,
+                             progress=True)
+    compare = [c for c in (args.compare or "").split(",") if c.strip()]
+    paths = curves.write(report, out, meta, compare)
+    for k, r in report["results"].items():
+        print(f"{int(k):5d} tokens: " + "  ".join(f"{m} {v:.4g}" for m, v in sorted(r.items())
+                                                   if m != "num_images"))
+    for thr, a in report.get("alit_adaptive", {}).items():
+        print(f"adaptive L1 < {thr}: mean {a['mean_tokens']:.1f} tokens, PSNR {a['psnr']:.2f}")
+    print("wrote " + ", ".join(paths))
     return 0
 
 
@@ -329,6 +368,17 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--split", default=None, help="TFDS split (default: config.data.eval_split)")
     p.add_argument("--out", default=None, help="results JSON, local or gs:// (default: "
                                                "eval_<split>.json next to the checkpoint)")
+    g = p.add_argument_group("quality vs tokens")
+    g.add_argument("--token-counts", default=None,
+                   help="e.g. 8,16,32: run the evaluators at each token count (TiTok: the first "
+                        "k tokens decoded; ALIT: multiples of its tokens per iteration, plus its "
+                        "adaptive points); writes {count: {metric: value}} JSON (default "
+                        "eval_<split>_tokens.json) and a plot next to it (.png)")
+    g.add_argument("--compare", default=None,
+                   help="comma-separated --token-counts result JSONs of other tokenizers whose "
+                        "curves the plot overlays")
+    g.add_argument("--thresholds", default="0.03,0.05,0.07,0.09",
+                   help="ALIT: the L1 thresholds of the adaptive points (empty: none)")
     _add_distributed_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -385,16 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grid-size", type=int, default=8, help="images in grid.png")
-    _add_alit_args(p)
+    _add_length_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("tokenize", help="encode images to token ids (.npz)")
     _add_model_args(p)
     p.add_argument("--images", required=True)
-    p.add_argument("--out", required=True, help="output .npz (ids [N_images, N], files; ALIT: "
+    p.add_argument("--out", required=True, help="output .npz (ids [N_images, N] or, with "
+                                                "--tokens k, [N_images, k]; files; ALIT: "
                                                 "ids padded with -1 and lengths)")
     p.add_argument("--batch-size", type=int, default=8)
-    _add_alit_args(p)
+    _add_length_args(p)
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("export", help="write official PyTorch key names as .safetensors")

@@ -145,23 +145,34 @@ def _alit_vqgan(config, weights: str) -> dict:
     return import_state_dict(state, {ALIT_FROZEN: sub}, official.ALIT_MAP)[ALIT_FROZEN]
 
 
-def predictor(config: ml_collections.ConfigDict, model=None) -> Predictor:
-    """The :class:`Predictor` of ``config.model`` (ALIT: at ``config.eval.alit_iteration``)."""
+def predictor(config: ml_collections.ConfigDict, model=None,
+              num_tokens: int | None = None) -> Predictor:
+    """The :class:`Predictor` of ``config.model`` (ALIT: at ``config.eval.alit_iteration``).
+
+    ``num_tokens``: reconstruct from the first k tokens only (TiTok: the rest removed by masking
+    in the decoder; ALIT: the iteration that emits k tokens, a multiple of its tokens per
+    iteration)."""
     model_cfg = config.model
     model = model if model is not None else variants.build_model(model_cfg)
     if model_cfg.name == "alit":
         iteration = config.eval.get("alit_iteration", -1) if "eval" in config else -1
+        if num_tokens is not None:
+            iteration = num_tokens // model_cfg.tokens_per_iter - 1
         return alit_predictor(model, model_cfg, iteration)
     teacher = variants.build_model(teacher_config(config)) if needs_teacher(model_cfg) else None
-    return titok_predictor(model, model_cfg, teacher)
+    return titok_predictor(model, model_cfg, teacher, num_tokens)
 
 
-def titok_predictor(model, model_config, teacher=None) -> Predictor:
-    """A TiTok's :class:`Predictor`; a proxy-code model is decoded by ``teacher``."""
+def titok_predictor(model, model_config, teacher=None,
+                    num_tokens: int | None = None) -> Predictor:
+    """A TiTok's :class:`Predictor`; a proxy-code model is decoded by ``teacher``;
+    ``num_tokens``: the decoder sees the first k tokens only (``ids`` stay all N)."""
     vae = model_config.quantize_mode == "vae"
+    full = num_tokens is None or num_tokens == model_config.num_latent_tokens
 
     def reconstruct(params, images):
-        out = model.apply({"params": params["model"]}, images)
+        kept = None if full else jnp.full((images.shape[0],), num_tokens, jnp.int32)
+        out = model.apply({"params": params["model"]}, images, num_tokens=kept)
         if model.outputs_proxy_codes:
             codes = jnp.argmax(out.decoded, -1).reshape(images.shape[0], -1)
             recon = teacher.apply({"params": params["frozen"]["teacher"]}, codes,

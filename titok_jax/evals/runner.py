@@ -9,6 +9,7 @@ depend on the number of devices or hosts.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -85,6 +86,15 @@ class Evaluation:
         self._eval_params = jax.device_put({e.name: e.params for e in self.passes}, replicated)
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._step = jax.jit(self._step_fn, out_shardings=replicated)
+
+    def with_predictor(self, predictor: predict.Predictor) -> "Evaluation":
+        """The same evaluators (weights loaded once) over another predictor of the same
+        tokenizer, e.g. decoding fewer tokens (:mod:`titok_jax.evals.curves`). Standalone
+        evaluators keep the original predictor."""
+        other = copy.copy(self)
+        other.predictor = predictor
+        other._step = jax.jit(other._step_fn, out_shardings=sharding.replicated(self.mesh))
+        return other
 
     def _step_fn(self, params, eval_params, batch):
         out = self.predictor.reconstruct(params, batch["image"])
