@@ -297,6 +297,27 @@ def test_bad_examples_are_skipped_converted_and_counted(photos, caplog):
     assert embedded.BAD_EXAMPLES["grayscale"] not in warned
 
 
+def test_grain_workers_make_the_threaded_batches(photos):
+    """data.workers > 0: Grain worker processes make exactly the threaded pipeline's batches
+    (bad examples replaced the same way, their counters summed back), resuming at any step."""
+    n = photos.info.splits["train"].num_examples
+    steps = -(-n // 16) + 1  # past the end of the first epoch
+    with _train(photos, global_batch=16, image_size=64) as threads, \
+            _train(photos, global_batch=16, image_size=64, workers=2) as workers:
+        expected = dict(threads.iterate(0, steps))
+        got = dict(workers.iterate(0, steps))
+        assert sorted(got) == list(range(steps))
+        for step, batch in expected.items():
+            np.testing.assert_array_equal(got[step]["image"], batch["image"])
+            np.testing.assert_array_equal(got[step]["label"], batch["label"])
+        assert workers.stats == threads.stats and workers.stats["skipped_corrupt"] >= 2
+        [(step, batch)] = list(workers.iterate(steps - 1, steps))
+        assert step == steps - 1
+        np.testing.assert_array_equal(batch["image"], expected[step]["image"])
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        _train(photos, workers=-1)
+
+
 def _digest(image: np.ndarray) -> str:
     return hashlib.sha1(image.tobytes()).hexdigest()
 

@@ -88,9 +88,13 @@ def add_run_fields(config, *, runlocal: bool) -> None:
     from titok_jax.data.embedded import DATASET_NAME
     # embedded: prepare the embedded photo dataset (DATASET_NAME) in data_dir, by default the
     # project cache; any other dataset is only read from data_dir (default: TFDS's).
+    # workers: 0 decodes training images with num_threads threads in this process; N > 0 with
+    # N Grain worker processes (whole batches each, the same batches), for hosts whose image
+    # decoding one Python process cannot keep up with.
     config.data = ml_collections.ConfigDict(dict(
         dataset=DATASET_NAME if runlocal else "imagenet2012", data_dir="", embedded=runlocal,
-        train_split="train", eval_split="validation", num_threads=4 if runlocal else 16))
+        train_split="train", eval_split="validation", num_threads=4 if runlocal else 16,
+        workers=0))
     # Mesh: one "data" axis over all devices; fsdp shards params + optimizer state over it.
     config.mesh = ml_collections.ConfigDict(dict(fsdp=False, fsdp_min_size=2 ** 14, rules=[]))
     config.keep_ckpts = 3

@@ -1,7 +1,9 @@
 """Deterministic, resumable per-host input pipeline over a TFDS random-access (array_record) split.
 
 Hosts read raw JPEG bytes by index; decoding and transforms run in a thread pool (PIL releases
-the GIL).
+the GIL), or, with ``workers > 0`` (``config.data.workers``), in Grain worker processes that each
+make whole batches with their own thread pool, for hosts where one Python process cannot decode
+as fast as the accelerators consume (the batches are identical either way).
 
 Training batches are a pure function of ``(seed, step)`` and do not depend on the number of
 hosts:
@@ -44,6 +46,7 @@ import math
 import os
 import queue
 import re
+import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
@@ -242,8 +245,9 @@ class _HostPipeline:
         self.stats = {"skipped_corrupt": 0, "converted_mode": 0, "upsampled_small": 0}
         self._bad: set[int] = set()
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            num_threads or min(8, os.cpu_count() or 1), thread_name_prefix="titok-data")
+        self.num_threads = num_threads or min(8, os.cpu_count() or 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads,
+                                                           thread_name_prefix="titok-data")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -306,7 +310,10 @@ class TrainPipeline(_HostPipeline):
     def __init__(self, dataset: DatasetArg, *, data_dir: str | None = None,
                  split: str = "train", global_batch: int, image_size: int = 256, seed: int = 0,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_threads: int | None = None, prefetch: int = 2):
+                 num_threads: int | None = None, prefetch: int = 2, workers: int = 0):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.workers = workers
         count = jax.process_count() if process_count is None else process_count
         if global_batch % count:
             raise ValueError(f"global_batch {global_batch} is not divisible by the {count} hosts")
@@ -364,9 +371,70 @@ class TrainPipeline(_HostPipeline):
     def iterate(self, start_step: int = 0,
                 end_step: int | None = None) -> Iterator[tuple[int, Batch]]:
         """``(step, batch)`` from ``start_step`` up to ``end_step`` (exclusive; endless if None),
-        prepared ``prefetch`` batches ahead by a background thread."""
-        steps = itertools.count(start_step) if end_step is None else range(start_step, end_step)
-        return prefetched(self.batch, steps, self.prefetch)
+        prepared ``prefetch`` batches ahead: by a background thread whose pool decodes the
+        batch's images (``workers == 0``), or by ``workers`` Grain worker processes, each
+        making whole batches (:class:`_GrainBatches`), ``prefetch`` per worker."""
+        if not self.workers:
+            steps = (itertools.count(start_step) if end_step is None
+                     else range(start_step, end_step))
+            return prefetched(self.batch, steps, self.prefetch)
+        return self._grain_iterate(start_step, end_step)
+
+    def _grain_iterate(self, start_step: int, end_step: int | None
+                       ) -> Iterator[tuple[int, Batch]]:
+        import grain
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # Grain reads absl flags; use their defaults
+            flags.FLAGS.mark_as_parsed()
+        stop = sys.maxsize if end_step is None else end_step
+        maker = _GrainBatches(self.builder.data_dir, self.split, self.global_batch,
+                              self.image_size, self.seed, self.process_index,
+                              self.process_count, self.num_threads)
+        # One batch at a time per worker (its counters are per call), decoded by the worker's
+        # own thread pool; workers run ahead by ``prefetch`` batches each.
+        dataset = grain.MapDataset.range(start_step, stop).map(maker).to_iter_dataset(
+            grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=self.workers, per_worker_buffer_size=max(1, self.prefetch)))
+        iterator = iter(dataset)
+        try:
+            for step, (batch, stats) in zip(range(start_step, stop), iterator):
+                for k, v in stats.items():  # the workers' counters, summed here
+                    self.stats[k] += v
+                # Own copies: the workers' shared-memory buffers are released right away
+                # instead of whenever the last view of them dies (maybe only at exit).
+                yield step, {k: np.array(v) for k, v in batch.items()}
+        finally:
+            iterator.close()  # stops the workers and frees their shared memory
+
+
+class _GrainBatches:
+    """``step -> (this host's batch, its bad-example counters)``, picklable for Grain workers:
+    each worker process opens the prepared dataset from its directory
+    (``tfds.builder_from_directory``, so no builder class has to be importable there) and makes
+    whole batches with :meth:`TrainPipeline.batch`, one at a time, decoding its images with
+    ``num_threads`` threads. The batches are the same as the threaded pipeline's: they depend
+    only on ``(seed, step)``."""
+
+    def __init__(self, builder_dir: str, split: str, global_batch: int, image_size: int,
+                 seed: int, process_index: int, process_count: int, num_threads: int):
+        self.args = (os.fspath(builder_dir), split, global_batch, image_size, seed,
+                     process_index, process_count, num_threads)
+        self._pipe: TrainPipeline | None = None
+
+    def __getstate__(self):
+        return {"args": self.args, "_pipe": None}
+
+    def __call__(self, step: int) -> tuple[Batch, dict[str, int]]:
+        if self._pipe is None:
+            builder_dir, split, global_batch, image_size, seed, index, count, threads = self.args
+            self._pipe = TrainPipeline(
+                tfds.builder_from_directory(builder_dir), split=split,
+                global_batch=global_batch, image_size=image_size, seed=seed,
+                process_index=index, process_count=count, num_threads=threads, prefetch=0)
+        before = dict(self._pipe.stats)
+        batch = self._pipe.batch(int(step))
+        return batch, {k: v - before[k] for k, v in self._pipe.stats.items()}
 
 
 class EvalPipeline(_HostPipeline):

@@ -91,7 +91,8 @@ def input_pipeline(kind: str, config: ml_collections.ConfigDict, data_dir: str,
         return data_lib.TrainPipeline(
             dataset=config.data.dataset, data_dir=data_dir, split=config.data.train_split,
             global_batch=config.global_batch, image_size=image_size or config.model.image_size,
-            seed=config.seed, num_threads=config.data.num_threads)
+            seed=config.seed, num_threads=config.data.num_threads,
+            workers=config.data.get("workers", 0))
     if kind == "tokens":  # pre-tokenized data (titok-jax pretokenize)
         from titok_jax.data.tokens import TokenTrainPipeline
         return TokenTrainPipeline(config.data.tokens, global_batch=config.global_batch,
