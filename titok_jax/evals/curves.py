@@ -16,6 +16,7 @@ earlier result files (other tokenizers, same data and protocol).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -26,6 +27,8 @@ from titok_jax import predict
 from titok_jax.checkpointing import as_path
 from titok_jax.evals import alit as alit_eval
 from titok_jax.evals import runner
+
+log = logging.getLogger(__name__)
 
 # Panels of the plot, in this order, when the results hold them, with their axis labels.
 PLOT_METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS (lower is better)",
@@ -112,7 +115,14 @@ def write(report: dict[str, Any], path: str | os.PathLike, meta: dict | None = N
         doc = json.loads(as_path(other).read_text())
         if "results" not in doc or not all(k.isdigit() for k in doc["results"]):
             raise ValueError(f"{other} is not a --token-counts result file")
-        curves.setdefault(label(doc), doc)
+        name = label(doc)
+        if doc.get("split") != document.get("split"):
+            log.warning("%s was evaluated on %r, this tokenizer on %r: the curves are not on "
+                        "the same data", other, doc.get("split"), document.get("split"))
+            name += f" [{doc.get('split')}]"
+        if name in curves:  # e.g. two workdirs of the same name
+            name += f" ({os.fspath(other)})"
+        curves[name] = doc
     plot(curves, png)
     return [os.fspath(out), os.fspath(png)]
 
