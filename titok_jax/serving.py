@@ -42,11 +42,18 @@ Functions (every one is ``f(params, *inputs)``; ``params`` is the dict read from
   lengths int32 ``[b]``). Encoding is one artefact per count because the recurrence appends an
   iteration's tokens to the encoder stream: every count has its own shapes, and the model has no
   masked encoder, so a fixed-shape path would always pay all iterations and not be the Python
-  API's computation; the artefacts are small (the weights are shared) and a server compiles only
+  API's computation; the artefacts are small (the weights are shared: for ``alit_small`` the
+  eight encoders are 4.9 MB of StableHLO beside 1.05 GB of weights) and a server compiles only
   the counts it loads. Decoding is one masked program: the decoder attends to the first
   ``lengths[i]`` latents of row ``i`` (equal to decoding it alone at that length), so one compile
   serves a batch of mixed lengths, as adaptive encoding produces. Halting is the deterministic
   threshold rule (the Python default without ``rng``/``masks``).
+
+Against the Python API on CPU (``tests/test_serving.py``, batch 1 and 3): token ids identical;
+TiTok and generator floats bitwise (the artefact, its batch refined to the call's, compiles to
+the API's program). ALIT decode differs by float32 rounding (1.2e-5 on random weights): the API
+runs it as two programs (logits, then pixels) where the artefact fuses one. The SavedModel runs
+under TensorFlow's own XLA: ids identical, images within 3e-4.
 
 Nothing in an artefact checks its input values: the ranges in ``signature.json`` are the
 caller's contract (the Python API raises on them). A standalone consumer::
