@@ -97,7 +97,13 @@ def _cases(models) -> dict[str, dict[str, np.ndarray]]:
     cases = {
         "vq": {"encode/b1/images": x1, "encode/b3/images": x3,
                "decode_tokens/b1/ids": np.asarray(vq.encode(x1)),
-               "decode_tokens/b3/ids": random_ids},
+               "decode_tokens/b3/ids": random_ids,
+               "decode_first_tokens/b1/ids": random_ids[:1],
+               "decode_first_tokens/b1/num_tokens": np.array([5], np.int32),
+               "decode_first_tokens/b3/ids": random_ids,
+               "decode_first_tokens/b3/num_tokens": np.array([8, 8, 8], np.int32),
+               "decode_first_tokens/mixed/ids": random_ids,
+               "decode_first_tokens/mixed/num_tokens": np.array([3, 8, 32], np.int32)},
         "vae": {"encode/b1/images": x1, "encode/b3/images": x3,
                 "decode_tokens/b1/latents": np.asarray(vae.encode(x1)),
                 "decode_tokens/b3/latents": np.asarray(vae.encode(x3))},
@@ -115,6 +121,12 @@ def _cases(models) -> dict[str, dict[str, np.ndarray]]:
     return cases
 
 
+def _runs(counts: np.ndarray) -> list[tuple[int, int, int]]:
+    """(start, stop, k) of the runs of equal ``counts``."""
+    cuts = [0, *np.flatnonzero(np.diff(counts)) + 1, len(counts)]
+    return [(i, j, int(counts[i])) for i, j in zip(cuts[:-1], cuts[1:])]
+
+
 def _expected(models, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The Python API's outputs for the same inputs."""
     m = models[name]
@@ -128,6 +140,9 @@ def _expected(models, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.
             out[key] = m.decode(arg["ids"], arg["lengths"])
         elif fn == "decode_tokens":
             out[key] = m.decode_tokens(arg["ids"] if "ids" in arg else arg["latents"])
+        elif fn == "decode_first_tokens":  # the API takes [B, k] ids: one k per call
+            out[key] = np.concatenate([m.decode_tokens(arg["ids"][i:j, :k]) for i, j, k in
+                                       _runs(arg["num_tokens"])])
         elif fn == "sample":
             out[key] = m.sample(arg["labels"], rng=arg["key"])
         else:
@@ -171,7 +186,8 @@ def served(models, tmp_path_factory):
 @pytest.mark.parametrize("name", ["vq", "vae", "gen", "alit"])
 def test_served_artefacts_match_the_python_api(served, name):
     """Token ids identical at batch 1 and 3; TiTok and generator floats bitwise (the artefact's
-    program, its symbolic batch refined to the call's, compiles as the API's jit does).
+    program, its symbolic batch refined to the call's, compiles as the API's jit does), also
+    ``decode_first_tokens`` with a token count per row against the API's one-k calls.
 
     ALIT decode is not bitwise: the API runs it as two jitted programs (decoder logits, then
     pixels through the VQGAN decoder) and cuts the ids to the longest length; the artefact is one
@@ -210,6 +226,8 @@ def test_signature(served):
                              "range": [0, 255]}
     assert vq["weights"]["file"] == "params.npz" and vq["weights"]["keys"][0].startswith("params/")
     assert vq["functions"]["decode_tokens"]["output"]["range"] == [0.0, 1.0]
+    assert [t["name"] for t in vq["functions"]["decode_first_tokens"]["inputs"]] == [
+        "ids", "num_tokens"]
     assert served[1]["vae"][0]["functions"]["encode"]["output"]["shape"] == ["b", 32, 12]
     gen = served[1]["gen"][0]["model"]
     assert gen["sampling"] == {"num_sample_steps": 8, "randomize_temperature": 9.5,
@@ -253,7 +271,7 @@ def test_saved_model(models, served, tmp_path):
     CPU settings."""
     tf = pytest.importorskip("tensorflow")
     sig = serving.export_tokenizer(models["vq"], tmp_path / "tf", saved_model=True)
-    assert sig["saved_model"]["signatures"] == ["decode_tokens", "encode"]
+    assert sig["saved_model"]["signatures"] == ["decode_first_tokens", "decode_tokens", "encode"]
     loaded = tf.saved_model.load(str(tmp_path / "tf" / "saved_model"))
     x, ids = _images(3, 3), np.asarray(served[1]["vq"][3]["encode/b3"])
     np.testing.assert_array_equal(loaded.encode(x).numpy(), ids)
@@ -269,7 +287,7 @@ def test_cli(models, tmp_path, capsys):
                          "--platforms", "cpu,tpu"]) == 0
     sig = json.loads((out / "signature.json").read_text())
     assert sig["platforms"] == ["cpu", "tpu"] and sorted(sig["functions"]) == [
-        "decode_tokens", "encode"]
+        "decode_first_tokens", "decode_tokens", "encode"]
     for args, error in ([("--weights", str(tmp_path / "tok")), "not overwriting"],
                         [(), "exactly one of --weights"]):
         with pytest.raises(SystemExit, match="2"):

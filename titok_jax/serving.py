@@ -32,7 +32,10 @@ Functions (every one is ``f(params, *inputs)``; ``params`` is the dict read from
   the posterior mean, float32 ``[b, N, C]``: deterministic, as ``Tokenizer.encode`` without
   ``rng``); ``decode_tokens`` ids (VAE: latents) -> images float32 ``[b, S, S, 3]`` clipped to
   [0, 1], exactly what ``Tokenizer.decode_tokens`` returns (a stage-1 model decodes its proxy
-  codes through the VQGAN, which needs ``vqgan_path``).
+  codes through the VQGAN, which needs ``vqgan_path``); ``decode_first_tokens`` the same from
+  ``[b, N]`` tokens and ``num_tokens`` int32 ``[b]``: row ``i`` decodes its first
+  ``num_tokens[i]`` tokens, the tail masked out in the decoder (variable-length decoding, what
+  ``Tokenizer.decode_tokens`` does for ``[B, k]`` ids, here with a ``k`` per row).
 * Generator: ``sample`` labels int32 ``[b]`` and a key uint32 ``[2]`` (``jax.random.PRNGKey(seed)``,
   threefry) -> ids int32 ``[b, N]``, with the generator's sampling settings baked in and recorded
   in the signature. As in :meth:`Generator.sample`, the re-masking count follows batch element 0,
@@ -156,8 +159,8 @@ def tokenizer_functions(tok) -> tuple[list[Function], dict, dict]:
         out = m.apply({"params": p["params"]}, images, method=m.encode)
         return out.mean if tok.is_vae else out.ids
 
-    def decode_tokens(p, tokens):
-        out = m.apply({"params": p["params"]}, tokens, method=m.decode_tokens)
+    def decode_tokens(p, tokens, num_tokens=None):
+        out = m.apply({"params": p["params"]}, tokens, num_tokens, method=m.decode_tokens)
         if stage1:
             v = tok.vqgan.module
             codes = jnp.argmax(out, axis=-1).reshape(out.shape[0], -1)
@@ -175,6 +178,11 @@ def tokenizer_functions(tok) -> tuple[list[Function], dict, dict]:
                  "images -> " + ("posterior-mean latents" if tok.is_vae else "token ids")),
         Function("decode_tokens", decode_tokens, (tokens,), _images(s, clipped),
                  ("latents" if tok.is_vae else "token ids") + " -> images"),
+        Function("decode_first_tokens", decode_tokens,
+                 (dataclasses.replace(tokens, note="row i is read up to num_tokens[i]"),
+                  Tensor("num_tokens", ("b",), "int32", (1, n))), _images(s, clipped),
+                 "the first num_tokens[i] tokens of row i -> images (the rest masked out, as "
+                 "Tokenizer.decode_tokens does for [B, k] ids)"),
     ]
     model = dict(kind="titok", name=cfg.get("variant"), image_size=s, num_tokens=n,
                  codebook_size=None if tok.is_vae else cfg.codebook_size,
