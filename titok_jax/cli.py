@@ -1,5 +1,5 @@
 """``titok-jax`` command line: reconstruct, tokenize, export, import, train, eval, fid,
-fetch-inception, alit-eval, sample-images, pretokenize, sample.
+fetch-inception, alit-eval, sample-images, pretokenize, sample, serve-export.
 
 TiTok models (``--model titok_*``) and ALIT models (``--model alit_*``, with ``--adaptive``)
 share the commands; ``--tokens k`` decodes the first k tokens of either (TiTok: any k <= N)."""
@@ -17,11 +17,11 @@ import numpy as np
 log = logging.getLogger("titok_jax")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
     p.add_argument("--model", default="titok_l32",
                    help="titok_l32 | titok_b64 | titok_s128 | titok_bl64_vq | ... | alit_small | "
                         "alit_tiny | alit_base | alit_semilarge (ignored for a titok-jax folder)")
-    p.add_argument("--weights", required=True,
+    p.add_argument("--weights", required=weights_required,
                    help="official .bin/.pt/.safetensors state dict, or a titok-jax folder")
     p.add_argument("--stage", type=int, choices=(1, 2), default=None,
                    help="1 for a stage-1 checkpoint (needs --vqgan to decode)")
@@ -470,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_parsers(sub)
     # Generation: pre-tokenized training data, and class-conditional samples (ADM .npz).
-    from titok_jax import pretokenize, synthesis
+    from titok_jax import pretokenize, serving, synthesis
     pretokenize.add_parser(sub)
     synthesis.add_parser(sub)
+    serving.add_parser(sub)  # serve-export: jax.export artefacts
     return parser
 
 

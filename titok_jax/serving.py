@@ -478,10 +478,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also a TF SavedModel (jax2tf; needs tensorflow) in OUT/saved_model, "
                         "with its own copy of the weights")
     tokenizer = p.add_argument_group("a tokenizer (TiTok or ALIT)")
-    _add_model_args(tokenizer)
-    for action in tokenizer._group_actions:  # not needed with --generator-weights
-        if action.dest == "weights":
-            action.required = False
+    _add_model_args(tokenizer, weights_required=False)  # not needed with --generator-weights
     tokenizer.add_argument("--alit-tokens", help="ALIT: comma-separated token counts to export "
                            "an encoder for (default: every multiple of the tokens per iteration)")
     generator = p.add_argument_group("or a MaskGIT generator (its default sampling settings are "
