@@ -74,6 +74,7 @@ class ALITTokenizer:
         self._start = jax.jit(functools.partial(m.apply, method=_start))
         self._pixels = jax.jit(functools.partial(m.apply, method=m.decode_pixels))
         self._decode = jax.jit(functools.partial(m.apply, method=_decode_ids))
+        self._decode_images = jax.jit(functools.partial(m.apply, method=decode_images))
         self._codes_only = jax.jit(functools.partial(m.apply, method=_codes_only))
         self._iters: dict[tuple[int, str], Any] = {}
 
@@ -261,8 +262,9 @@ class ALITTokenizer:
     def decode(self, ids: Any, lengths: Any = None) -> jax.Array:
         """Images ``[B, H, W, 3]`` in [0, 1] from (padded) ids and per-image lengths; without
         ``lengths`` every row is decoded at its full width."""
-        logits = self.decode_logits(ids, lengths)
-        return jnp.clip(self._pixels(self._vars(), logits), 0.0, 1.0)
+        ids, lengths = self._check_ids(ids, lengths)
+        ids = ids[:, :int(lengths.max())]  # one compiled shape per distinct max length
+        return self._decode_images(self._vars(), jnp.asarray(ids), jnp.asarray(lengths))
 
     def save(self, directory: str | os.PathLike) -> None:
         native.save_native(directory, self.config, jax.device_get(self.params))
@@ -356,3 +358,9 @@ def _codes_only(m, x):
 
 def _decode_ids(m, ids, lengths):
     return m.decode_logits(m.lookup(ids), lengths)
+
+
+def decode_images(m, ids, lengths):
+    """Ids (zero past each length) -> images in [0, 1], one program: decoder logits, the VQGAN's
+    pixels, clipping (what :meth:`ALITTokenizer.decode` runs, and the serving artefact)."""
+    return jnp.clip(m.decode_pixels(_decode_ids(m, ids, lengths)), 0.0, 1.0)

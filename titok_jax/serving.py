@@ -53,10 +53,10 @@ Functions (every one is ``f(params, *inputs)``; ``params`` is the dict read from
   threshold rule (the Python default without ``rng``/``masks``).
 
 Against the Python API on CPU (``tests/test_serving.py``, batch 1 and 3): token ids identical;
-TiTok and generator floats bitwise (the artefact, its batch refined to the call's, compiles to
-the API's program). ALIT decode differs by float32 rounding (1.2e-5 on random weights): the API
-runs it as two programs (logits, then pixels) where the artefact fuses one. The SavedModel runs
-under TensorFlow's own XLA: ids identical, images within 3e-4.
+TiTok, generator and ALIT floats bitwise (the artefact, its batch refined to the call's,
+compiles to the API's program; ALIT decode is one program on both sides,
+:func:`titok_jax.alit.decode_images`). The SavedModel runs under TensorFlow's own XLA: ids
+identical, images within 3e-4.
 
 Nothing in an artefact checks its input values: the ranges in ``signature.json`` are the
 caller's contract (the Python API raises on them). A standalone consumer::
@@ -220,7 +220,7 @@ def alit_functions(alit, token_counts: Sequence[int] | None = None
     """(functions, params, model description) of an :class:`titok_jax.alit.ALITTokenizer`:
     ``encode_<n>`` for each of ``token_counts`` (default: every count) and ``decode_tokens``."""
     # The per-iteration pieces ALITTokenizer jits one by one, fused here into one program.
-    from titok_jax.alit import _codes_only, _decode_ids, _iteration, _start
+    from titok_jax.alit import _codes_only, _iteration, _start, decode_images
     m, cfg = alit.module, alit.config
     step, top, s = alit.tokens_per_iter, alit.max_tokens, alit.image_size
     counts = list(range(step, top + 1, step)) if token_counts is None else list(token_counts)
@@ -240,10 +240,8 @@ def alit_functions(alit, token_counts: Sequence[int] | None = None
         return encode
 
     def decode_tokens(p, ids, lengths):
-        v = {"params": p["params"]}
         ids = jnp.where(jnp.arange(ids.shape[1])[None] < lengths[:, None], ids, 0)
-        logits = m.apply(v, ids, lengths, method=_decode_ids)
-        return jnp.clip(m.apply(v, logits, method=m.decode_pixels), 0.0, 1.0)
+        return m.apply({"params": p["params"]}, ids, lengths, method=decode_images)
 
     functions = [Function(f"encode_{c}", encoder(c // step), (_images(s),),
                           _ids("ids", c, cfg.codebook_size),
