@@ -190,9 +190,10 @@ def _load_params(model_config, path, extra_state: dict | None = None) -> dict:
     abstract = _abstract_params(module, model_config.get("image_size", 256))
     if native.is_native_dir(path):
         saved_cfg, params = native.load_native(path)
-        if saved_cfg.to_dict() != model_config.to_dict():
+        if variants.model_identity(saved_cfg) != variants.model_identity(model_config):
             raise ValueError(f"{path} holds a different model config than requested:\n"
-                             f"  saved: {saved_cfg.to_dict()}\n  asked: {model_config.to_dict()}")
+                             f"  saved: {variants.model_identity(saved_cfg)}\n"
+                             f"  asked: {variants.model_identity(model_config)}")
         return check_params(params, abstract, f"{model_config.name} ({path})")
     state = official.read_state_dict(path)
     state.update(extra_state or {})

@@ -191,14 +191,16 @@ def load_generator(name_or_config: str | ml_collections.ConfigDict | dict | None
     module = variants.build_generator(cfg)
     if path is None:
         ids = jnp.zeros((1, cfg.num_tokens), jnp.int32)
-        params = module.init(jax.random.PRNGKey(0), ids, jnp.zeros((1,), jnp.int32))["params"]
+        from titok_jax.train.tasks.base import init_unrolled
+        params = init_unrolled(module, jax.random.PRNGKey(0), ids, jnp.zeros((1,), jnp.int32))
         return Generator(cfg, params, sampling_defaults)
     abstract = _abstract_params(module, cfg.num_tokens)
     if native.is_native_dir(path):
         saved, params = native.load_native(path)
-        if saved.to_dict() != cfg.to_dict():
+        if variants.model_identity(saved) != variants.model_identity(cfg):
             raise ValueError(f"{path} holds a different generator config than requested:\n"
-                             f"  saved: {saved.to_dict()}\n  asked: {cfg.to_dict()}")
+                             f"  saved: {variants.model_identity(saved)}\n"
+                             f"  asked: {variants.model_identity(cfg)}")
         params = check_params(params, abstract, f"generator ({path})")
     else:
         params = official.import_official(official.read_state_dict(path), abstract, cfg)

@@ -5,7 +5,9 @@ One mesh axis, ``data``. Batches are split over it. Parameters follow ``rules``:
 replicated. ``fsdp=True`` adds one catch-all rule: every leaf with at least ``fsdp_min_size``
 elements is sharded over ``data`` along its largest axis that the axis size divides. Because the
 rule reads only shapes and path suffixes, the optimizer state (same shapes, paths that end in the
-parameter path) is sharded exactly like its parameters.
+parameter path) is sharded exactly like its parameters. Under a scanned stack (a path component
+named exactly as in ``STACKED_MODULES``) the leading layer axis is never the sharded one: each
+scan step slices one layer, which must not need a gather across devices.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
+# Modules that hold a scanned stack of blocks, parameters stacked on axis 0 (models' scan_layers).
+STACKED_MODULES = ("transformer", "layer", "in_blocks", "out_blocks")
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -33,10 +37,11 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def _fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int) -> P:
+def _fsdp_spec(shape: tuple[int, ...], axis_size: int, min_size: int,
+               stacked: bool = False) -> P:
     if int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    for dim in sorted(range(int(stacked), len(shape)), key=lambda d: -shape[d]):
         if shape[dim] % axis_size == 0:
             spec = [None] * len(shape)
             spec[dim] = DATA
@@ -56,7 +61,8 @@ def tree_specs(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = (), *,
             if regex.search(name):
                 return spec
         if fsdp and axis > 1 and getattr(leaf, "ndim", 0) > 0:
-            return _fsdp_spec(tuple(leaf.shape), axis, fsdp_min_size)
+            stacked = any(part in STACKED_MODULES for part in name.split("/")[:-1])
+            return _fsdp_spec(tuple(leaf.shape), axis, fsdp_min_size, stacked)
         return P()
     return jax.tree_util.tree_map_with_path(spec_for, tree)
 

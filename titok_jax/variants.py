@@ -117,6 +117,18 @@ MODEL_NAMES: dict[str, str] = {
 VQGAN_NAMES = {"maskgit_vqgan": "maskgit", "maskgit_vqgan_tiny": "tiny"}
 
 
+# Model config keys that choose how the model runs (memory, compile time), not what it computes
+# or which parameters it has: a folder saved with one setting loads under another, and a
+# tokenizer's fingerprint ignores them.
+EXECUTION_KEYS = ("remat", "remat_policy", "scan_layers")
+
+
+def model_identity(cfg: Any) -> dict:
+    """A ``config.model`` block as a dict without its :data:`EXECUTION_KEYS`."""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {k: v for k, v in d.items() if k not in EXECUTION_KEYS}
+
+
 def titok_model_config(variant: str, *, stage: int | None = None) -> ml_collections.ConfigDict:
     """The ``config.model`` block of a TiTok variant. ``stage=1`` drops the pixel decoder."""
     if variant not in TITOK_VARIANTS:
@@ -135,7 +147,7 @@ def titok_model_config(variant: str, *, stage: int | None = None) -> ml_collecti
         codebook_size=v["codebook_size"], use_l2_norm=v["use_l2_norm"], commitment_cost=0.25,
         is_legacy=v["is_legacy"], finetune_decoder=v["finetune_decoder"],
         patch_size=v.get("patch_size", 16), image_size=v.get("image_size", 256), dtype="float32",
-        remat=False))
+        remat=False, remat_policy="nothing_saveable", scan_layers=False))
     return cfg
 
 
@@ -145,7 +157,8 @@ def alit_model_config(variant: str) -> ml_collections.ConfigDict:
     size = v.pop("size")
     return ml_collections.ConfigDict(dict(name="alit", variant=variant, encoder=size,
                                           decoder=size, commitment_cost=0.25, dtype="float32",
-                                          remat=False, **v))
+                                          remat=False, remat_policy="nothing_saveable",
+                                          scan_layers=False, **v))
 
 
 def vqgan_model_config(size: str = "maskgit") -> ml_collections.ConfigDict:
@@ -241,7 +254,7 @@ GENERATOR_NAMES: dict[str, str] = {
 }
 _GENERATOR_KEYS = {"name", "variant", "arch", "hidden_size", "num_layers", "num_heads",
                    "intermediate_size", "codebook_size", "num_tokens", "num_classes", "dropout",
-                   "attn_dropout", "dtype"}
+                   "attn_dropout", "dtype", "remat", "remat_policy", "scan_layers"}
 
 
 def generator_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -250,7 +263,8 @@ def generator_model_config(name: str, **overrides: Any) -> ml_collections.Config
     variant = _lookup(GENERATOR_NAMES, name, "generator")
     cfg = ml_collections.ConfigDict(dict(
         name="maskgit", variant=variant, num_classes=1000, dropout=0.1, attn_dropout=0.1,
-        dtype="float32", **GENERATOR_VARIANTS[variant]))
+        dtype="float32", remat=False, remat_policy="nothing_saveable", scan_layers=False,
+        **GENERATOR_VARIANTS[variant]))
     _check_keys(ml_collections.ConfigDict(overrides), _GENERATOR_KEYS)
     cfg.update(overrides)
     return cfg
@@ -268,4 +282,7 @@ def build_generator(cfg: ml_collections.ConfigDict | dict):
     models = {"bert": ImageBert, "uvit": UViTBert}
     if cfg.arch not in models:
         raise ValueError(f"unknown generator arch {cfg.arch!r}; expected 'bert' or 'uvit'")
-    return models[cfg.arch](arch, jnp.dtype(cfg.get("dtype", "float32")))
+    return models[cfg.arch](arch, jnp.dtype(cfg.get("dtype", "float32")),
+                            remat=cfg.get("remat", False),
+                            remat_policy=cfg.get("remat_policy", "nothing_saveable"),
+                            scan_layers=cfg.get("scan_layers", False))

@@ -32,6 +32,7 @@ VQGAN_MAP = NameMap("MaskGIT-VQGAN (maskgit-vqgan-imagenet-f16-256.bin layout)",
 TITOK_MAP = NameMap(
     "TiTok (bytedance/1d-tokenizer layout)",
     list_names=("transformer", "ffn") + _VQGAN_LISTS,
+    scanned=("transformer",),
     overrides=(
         # nn.MultiheadAttention keeps its fused projection as raw parameters.
         (r"attn/in_proj/kernel$", LINEAR, (r"attn\.in_proj\.weight$", "attn.in_proj_weight")),
@@ -49,6 +50,7 @@ def _taming_mid(match) -> str:
 ALIT_MAP = NameMap(
     "ALIT (ShivamDuggal4/adaptive-length-tokenizer layout)",
     list_names=("transformer", "ffn") + _VQGAN_LISTS,
+    scanned=("transformer",),
     overrides=TITOK_MAP.overrides[:2],
     # The VQGAN inside ALIT is the taming-style copy: mid blocks are ``mid.block_1/2`` and the
     # upsampling conv is ``upsample.conv``.
@@ -64,6 +66,7 @@ ALIT_MAP = NameMap(
 GENERATOR_MAP = NameMap(
     "MaskGIT generator (bytedance/1d-tokenizer ImageBert / UViTBert layout)",
     list_names=("layer", "in_blocks", "out_blocks"),
+    scanned=("layer", "in_blocks", "out_blocks"),
     overrides=((r"embeddings/embedding$", IDENTITY, (r"\.embedding\.weight$", ".weight")),),
     ignored=(r"^model\.embeddings\.position_ids$",),
 )

@@ -117,9 +117,14 @@ def views(img: Image.Image, size: int, mode: str = "flip") -> np.ndarray:
 
 def tokenizer_fingerprint(model_config: Any, params: Any) -> str:
     """sha256 (hex) of a tokenizer's model config (JSON, sorted keys) and of every parameter
-    (in sorted tree-path order: path, dtype, shape and bytes): which tokenizer made a dataset."""
-    config = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    (in sorted tree-path order: path, dtype, shape and bytes): which tokenizer made a dataset.
+    How the tokenizer runs does not count: execution keys (remat, scan) are left out and a
+    scanned stack is hashed as its unrolled blocks."""
+    from titok_jax import variants
+    from titok_jax.convert.layout import unstack_layers
+    config = variants.model_identity(model_config)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    params = unstack_layers(dict(params), ("transformer",))
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for key, leaf in sorted((jax.tree_util.keystr(p), v) for p, v in leaves):
         arr = np.ascontiguousarray(jax.device_get(leaf))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from titok_jax.models.maskgit_vqgan import MaskGITVQGAN, VQGANArch
 from titok_jax.models.quantizer import VectorQuantizer, l2_normalize
 from titok_jax.models.titok import PatchEmbed, ViTArch, _embedding
-from titok_jax.models.vit import DENSE_INIT, layer_norm, transformer_blocks
+from titok_jax.models.vit import DENSE_INIT, LayerStack, layer_norm, transformer_blocks
 
 Dtype = Any
 
@@ -77,7 +77,7 @@ class LatentDecoder(nn.Module):
     max_latent_tokens: int = 256
     factorize: bool = True
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    stack: LayerStack = LayerStack()
 
     @nn.compact
     def __call__(self, latents: jax.Array, queries: jax.Array,
@@ -95,7 +95,7 @@ class LatentDecoder(nn.Module):
         x = layer_norm("ln_pre", self.dtype)(x)
         kv_lengths = None if lengths is None else (queries.shape[1] + lengths).astype(jnp.int32)
         x = transformer_blocks(x, self.arch.depth, self.arch.num_heads,
-                               mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype, remat=self.remat,
+                               mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype, stack=self.stack,
                                kv_lengths=kv_lengths)
         x = layer_norm("ln_post", self.dtype)(x[:, 1:queries.shape[1]])
         x = jnp.tanh(nn.Dense(2 * w, dtype=self.dtype, kernel_init=DENSE_INIT, name="ffn_0")(x))
@@ -121,7 +121,9 @@ class ALIT(nn.Module):
     patch_size: int = 16
     image_size: int = 256
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool = False                    # recompute block activations in the backward
+    remat_policy: str = "nothing_saveable"  # what remat keeps (vit.REMAT_POLICIES)
+    scan_layers: bool = False              # blocks as one nn.scan over stacked parameters
 
     def setup(self):
         grid = self.image_size // self.patch_size
@@ -152,9 +154,10 @@ class ALIT(nn.Module):
         self.encoder_ln_recursive = layer_norm("encoder_ln_recursive", self.dtype)
         self.pre_quantizer_mlp = nn.Dense(self.token_size, dtype=self.dtype,
                                           kernel_init=DENSE_INIT)
-        self.encoder = _Encoder(self.encoder_arch, self.dtype, self.remat)
+        stack = LayerStack(self.remat, self.remat_policy, self.scan_layers)
+        self.encoder = _Encoder(self.encoder_arch, self.dtype, stack)
         self.decoder = LatentDecoder(self.decoder_arch, self.vqgan_arch.codebook_size,
-                                     self.decoder_max_latent_tokens, True, self.dtype, self.remat)
+                                     self.decoder_max_latent_tokens, True, self.dtype, stack)
         self.patch_embed = PatchEmbed(we - self.vqgan_arch.z_channels, self.patch_size, self.dtype)
         if self.quantize_latent:
             self.quantize = VectorQuantizer(self.codebook_size, self.token_size, self.use_l2_norm,
@@ -304,13 +307,13 @@ class ALIT(nn.Module):
 class _Encoder(nn.Module):
     arch: ViTArch
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    stack: LayerStack = LayerStack()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return transformer_blocks(x, self.arch.depth, self.arch.num_heads,
                                   mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype,
-                                  remat=self.remat).astype(jnp.float32)
+                                  stack=self.stack).astype(jnp.float32)
 
 
 def halting_mask(p_gt: jax.Array, mode: str, threshold: float, key: jax.Array | None,

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from titok_jax.models.vit import layer_norm
+from titok_jax.models.vit import LayerStack, layer_norm
 
 Dtype = Any
 
@@ -85,10 +85,24 @@ _Dense = functools.partial(nn.Dense, kernel_init=_INIT)
 
 
 class _Part(nn.Module):
-    """A piece of a generator: the architecture and the compute dtype."""
+    """A piece of a generator: the architecture, the compute dtype and how block stacks run."""
 
     arch: GeneratorArch
     dtype: Dtype = jnp.float32
+    stack: LayerStack = LayerStack()
+
+
+class _Generator(_Part):
+    """Top level: ``remat`` / ``remat_policy`` / ``scan_layers`` as model-config fields (scanned,
+    the blocks' parameters are stacked under ``layer``, ``in_blocks`` and ``out_blocks``)."""
+
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = False
+
+    @property
+    def layers(self) -> LayerStack:
+        return LayerStack(self.remat, self.remat_policy, self.scan_layers)
 
 
 class BertOutput(_Part):
@@ -150,11 +164,32 @@ class BertEmbeddings(_Part):
         return nn.Dropout(self.arch.dropout, deterministic=not train)(x)
 
 
+class _BertBlock(BertLayer):
+    """A ``BertLayer`` whose train flag is an attribute (static under remat and scan)."""
+
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x, self.train)
+
+
+class _BertScanStep(_BertBlock):
+    @nn.compact
+    def __call__(self, x: jax.Array):
+        return super().__call__(x), None
+
+
 class BertEncoder(_Part):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        for i in range(self.arch.num_layers):
-            x = BertLayer(self.arch, self.dtype, name=f"layer_{i}")(x, train)
+        n, st = self.arch.num_layers, self.stack
+        if st.scan:
+            scanned = nn.scan(st.wrap(_BertScanStep), variable_axes={"params": 0},
+                              split_rngs={"params": True, "dropout": True}, length=n)
+            return scanned(self.arch, self.dtype, train=train, name="layer")(x)[0]
+        for i in range(n):
+            x = st.wrap(_BertBlock)(self.arch, self.dtype, train=train, name=f"layer_{i}")(x)
         return x
 
 
@@ -164,18 +199,19 @@ class BertModel(_Part):
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool) -> jax.Array:
         x = BertEmbeddings(self.arch, self.dtype, name="embeddings")(tokens, train)
-        x = BertEncoder(self.arch, self.dtype, name="encoder")(x, train)
+        x = BertEncoder(self.arch, self.dtype, self.stack, name="encoder")(x, train)
         return _Dense(self.arch.codebook_size, dtype=self.dtype, name="lm_head")(x[:, 1:])
 
 
-class ImageBert(_Part):
+class ImageBert(_Generator):
     """The ImageBert generator (``arch.kind == "bert"``)."""
 
     @nn.compact
     def __call__(self, ids: jax.Array, cond: jax.Array, train: bool = False) -> jax.Array:
         """``ids`` int [B, N] (``K`` = mask), ``cond`` class-token ids [B] -> logits [B, N, K];
         dropout only when ``train`` (rng collection ``dropout``)."""
-        return BertModel(self.arch, self.dtype, name="model")(_with_class_token(ids, cond), train)
+        return BertModel(self.arch, self.dtype, self.layers, name="model")(
+            _with_class_token(ids, cond), train)
 
 
 class UViTAttention(_Part):
@@ -209,7 +245,22 @@ class UViTBlock(_Part):
         return x + UViTMlp(self.arch, dt, name="mlp")(layer_norm("norm2", dt)(x))
 
 
-class UViTBert(_Part):
+class _UViTInStep(UViTBlock):
+    @nn.compact
+    def __call__(self, x: jax.Array):
+        y = super().__call__(x)
+        return y, y                                   # the output is also the kept skip
+
+
+class _UViTOutStep(UViTBlock):
+    skip: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, skip: jax.Array):
+        return super().__call__(x, skip), None
+
+
+class UViTBert(_Generator):
     """U-ViT over the generator tokens (``arch.kind == "uvit"``): in-blocks whose outputs are
     kept, a middle block, and out-blocks that consume them last-in first-out through
     ``skip_linear``."""
@@ -225,12 +276,22 @@ class UViTBert(_Part):
         pos = self.param("pos_embed", _INIT, (1, arch.num_tokens + 1, arch.hidden_size),
                          jnp.float32)
         x = x + pos[:, :tokens.shape[1]].astype(dt)
-        skips = []
-        for i in range(arch.num_layers // 2):
-            x = UViTBlock(arch, dt, name=f"in_blocks_{i}")(x)
-            skips.append(x)
-        x = UViTBlock(arch, dt, name="mid_block")(x)
-        for i in range(arch.num_layers // 2):
-            x = UViTBlock(arch, dt, skip=True, name=f"out_blocks_{i}")(x, skips.pop())
+        half, st = arch.num_layers // 2, self.layers
+        if st.scan:
+            def scan(step, **kw):
+                return nn.scan(st.wrap(step), variable_axes={"params": 0},
+                               split_rngs={"params": True}, length=half, **kw)
+            x, skips = scan(_UViTInStep)(arch, dt, name="in_blocks")(x)
+            x = st.wrap(UViTBlock)(arch, dt, name="mid_block")(x)
+            x = scan(_UViTOutStep, in_axes=0)(arch, dt, name="out_blocks")(x, skips[::-1])[0]
+        else:
+            skips = []
+            for i in range(half):
+                x = st.wrap(UViTBlock)(arch, dt, name=f"in_blocks_{i}")(x)
+                skips.append(x)
+            x = st.wrap(UViTBlock)(arch, dt, name="mid_block")(x)
+            for i in range(half):
+                x = st.wrap(UViTBlock)(arch, dt, skip=True, name=f"out_blocks_{i}")(
+                    x, skips.pop())
         x = layer_norm("norm", dt)(x)
         return _Dense(arch.codebook_size, dtype=dt, name="lm_head")(x[:, 1:])

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from titok_jax.models.maskgit_vqgan import VQGANArch, VQGANDecoder
 from titok_jax.models.quantizer import DiagonalGaussian, QuantizerOutput, VectorQuantizer
-from titok_jax.models.vit import DENSE_INIT, layer_norm, transformer_blocks
+from titok_jax.models.vit import DENSE_INIT, LayerStack, layer_norm, transformer_blocks
 
 Dtype = Any
 
@@ -77,7 +77,7 @@ class TiTokEncoder(nn.Module):
     patch_size: int = 16
     image_size: int = 256
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    stack: LayerStack = LayerStack()
 
     @nn.compact
     def __call__(self, images: jax.Array, latent_tokens: jax.Array) -> jax.Array:
@@ -94,7 +94,7 @@ class TiTokEncoder(nn.Module):
         x = jnp.concatenate([x, latents], axis=1)
         x = layer_norm("ln_pre", self.dtype)(x)
         x = transformer_blocks(x, self.arch.depth, self.arch.num_heads,
-                               mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype, remat=self.remat)
+                               mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype, stack=self.stack)
         x = layer_norm("ln_post", self.dtype)(x[:, 1 + grid * grid:])
         if self.is_legacy:
             x = x.reshape(b, w, n).swapaxes(1, 2)
@@ -118,7 +118,7 @@ class TiTokDecoder(nn.Module):
     patch_size: int = 16
     image_size: int = 256
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    stack: LayerStack = LayerStack()
 
     @nn.compact
     def __call__(self, z: jax.Array, num_tokens: jax.Array | None = None) -> jax.Array:
@@ -141,7 +141,7 @@ class TiTokDecoder(nn.Module):
         kv_lengths = None if num_tokens is None else (
             1 + grid * grid + jnp.asarray(num_tokens, jnp.int32))
         x = transformer_blocks(x, self.arch.depth, self.arch.num_heads,
-                               mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype, remat=self.remat,
+                               mlp_ratio=self.arch.mlp_ratio, dtype=self.dtype, stack=self.stack,
                                kv_lengths=kv_lengths)
         x = layer_norm("ln_post", self.dtype)(x[:, 1:1 + grid * grid])
         x = x.reshape(b, grid, grid, w)
@@ -190,7 +190,9 @@ class TiTok(nn.Module):
     patch_size: int = 16
     image_size: int = 256
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool = False                    # recompute block activations in the backward
+    remat_policy: str = "nothing_saveable"  # what remat keeps (vit.REMAT_POLICIES)
+    scan_layers: bool = False              # blocks as one nn.scan over stacked parameters
 
     def setup(self):
         if self.quantize_mode not in ("vq", "vae"):
@@ -198,16 +200,18 @@ class TiTok(nn.Module):
         if self.finetune_decoder and (self.quantize_mode != "vq" or not self.is_legacy):
             raise ValueError("finetune_decoder needs a legacy VQ model (proxy-code decoder head)")
         vae = self.quantize_mode == "vae"
+        self.layer_stack = LayerStack(self.remat, self.remat_policy, self.scan_layers)
         self.latent_tokens = _embedding(self, "latent_tokens",
                                         (self.num_latent_tokens, self.encoder_arch.width),
                                         self.encoder_arch.width)
         self.encoder = TiTokEncoder(
             self.encoder_arch, self.num_latent_tokens,
             2 * self.token_size if vae else self.token_size,
-            self.is_legacy, self.patch_size, self.image_size, self.dtype, self.remat)
+            self.is_legacy, self.patch_size, self.image_size, self.dtype, self.layer_stack)
         self.decoder = TiTokDecoder(
             self.decoder_arch, self.num_latent_tokens, self.is_legacy,
-            self.vqgan_arch.codebook_size, self.patch_size, self.image_size, self.dtype, self.remat)
+            self.vqgan_arch.codebook_size, self.patch_size, self.image_size, self.dtype,
+            self.layer_stack)
         if not vae:
             self.quantize = VectorQuantizer(self.codebook_size, self.token_size, self.use_l2_norm,
                                             self.commitment_cost)

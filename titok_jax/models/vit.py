@@ -8,11 +8,13 @@ weight conversion is a table, not a translation.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -51,6 +53,7 @@ class MultiHeadAttention(nn.Module):
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths)
+        out = checkpoint_name(out, "attention")
         out = out.reshape(batch, length, width)
         return nn.Dense(width, dtype=self.dtype, kernel_init=DENSE_INIT, name="out_proj")(out)
 
@@ -84,17 +87,73 @@ class ResidualAttentionBlock(nn.Module):
         return x
 
 
-def transformer_blocks(x: jax.Array, depth: int, num_heads: int, *, mlp_ratio: float = 4.0,
-                       dtype: Dtype = jnp.float32, remat: bool = False,
-                       kv_lengths: jax.Array | None = None) -> jax.Array:
-    """Runs ``depth`` blocks created in the calling module, named ``transformer_{i}``.
+# Remat policies by name (``config.model.remat_policy``): what a rematerialised block keeps from
+# its forward pass; everything else is recomputed in the backward pass.
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    # Keep each block's attention output [B, T, W]: the backward recomputes the projections and
+    # the MLP but not the softmax(QK^T)V part.
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attention"),
+}
 
-    Call it from a compact method: the blocks become direct children of the caller, matching the
-    PyTorch keys ``transformer.{i}.*``. ``remat`` recomputes each block's activations in the
-    backward pass, so activation memory no longer grows with depth (~30% more compute).
-    ``kv_lengths`` masks right-padded keys per sequence (see :class:`MultiHeadAttention`).
+
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+    """How a stack of blocks is run.
+
+    remat: recompute each block's activations in the backward pass (activation memory no longer
+      grows with depth, ~30% more compute), keeping what ``remat_policy`` names.
+    scan: run the blocks as one ``nn.scan`` over parameters stacked on a leading ``depth`` axis
+      (module ``transformer`` instead of ``transformer_{i}``): one block is traced and compiled
+      instead of ``depth``. The converter maps the stacked layout to the official keys both ways
+      (``convert.layout.to_layout``).
     """
-    block_cls = nn.remat(ResidualAttentionBlock) if remat else ResidualAttentionBlock
+
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan: bool = False
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; known: "
+                             f"{sorted(REMAT_POLICIES)}")
+
+    def wrap(self, block_cls: type[nn.Module]) -> type[nn.Module]:
+        if not self.remat:
+            return block_cls
+        return nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy],
+                        prevent_cse=not self.scan)
+
+
+class _ScanStep(ResidualAttentionBlock):
+    """One scan iteration: the block as a ``carry -> (carry, None)`` function whose parameters
+    sit directly under the scanned module, as they do in a ``transformer_{i}`` block."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None):
+        return super().__call__(x, kv_lengths), None
+
+
+def transformer_blocks(x: jax.Array, depth: int, num_heads: int, *, mlp_ratio: float = 4.0,
+                       dtype: Dtype = jnp.float32, stack: LayerStack = LayerStack(),
+                       kv_lengths: jax.Array | None = None) -> jax.Array:
+    """Runs ``depth`` blocks created in the calling module.
+
+    Call it from a compact method: unrolled, the blocks become direct children of the caller
+    named ``transformer_{i}``, matching the PyTorch keys ``transformer.{i}.*``; scanned
+    (``stack.scan``), one child ``transformer`` holds every parameter with a leading ``depth``
+    axis. ``kv_lengths`` masks right-padded keys per sequence (see :class:`MultiHeadAttention`).
+    """
+    if stack.scan:
+        step = stack.wrap(_ScanStep)
+        scanned = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=nn.broadcast, length=depth)
+        return scanned(num_heads, mlp_ratio, dtype, name="transformer")(x, kv_lengths)[0]
+    block_cls = stack.wrap(ResidualAttentionBlock)
     for i in range(depth):
         x = block_cls(num_heads, mlp_ratio, dtype, name=f"transformer_{i}")(x, kv_lengths)
     return x

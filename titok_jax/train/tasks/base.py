@@ -50,7 +50,7 @@ class Task:
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
         dummy = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-        return {self.group: self.trainable(self.model.init(rng, dummy)["params"])}
+        return {self.group: self.trainable(init_unrolled(self.model, rng, dummy))}
 
     def init_mutable(self) -> dict[str, Any]:
         """Non-trainable state (BatchNorm statistics, LeCam EMAs, counters)."""
@@ -99,3 +99,14 @@ class Task:
         return state.replace(params={**state.params, self.group: params},
                              ema_params={**state.ema_params,
                                          self.group: jax.tree_util.tree_map(jnp.copy, params)})
+
+
+def init_unrolled(model, rng: jax.Array, *args) -> dict:
+    """``model.init(rng, *args)["params"]`` drawn as the unrolled model draws them, then put in
+    the model's layer layout: ``scan_layers`` changes how blocks are stored and run, never the
+    initial values (a scanned and an unrolled run start from the same weights)."""
+    from titok_jax.convert.layout import to_layout
+    if not getattr(model, "scan_layers", False):
+        return model.init(rng, *args)["params"]
+    like = jax.eval_shape(model.init, rng, *args)["params"]
+    return to_layout(model.clone(scan_layers=False).init(rng, *args)["params"], like)

@@ -42,7 +42,7 @@ from titok_jax.convert.official import name_map_for
 from titok_jax.losses import MaskDraws, mlm_inputs, mlm_loss
 from titok_jax.train.state import TrainState, adamw, apply_updates
 from titok_jax.train.tasks import register
-from titok_jax.train.tasks.base import Task
+from titok_jax.train.tasks.base import Task, init_unrolled
 from titok_jax.train.tasks.titok import codebook_stats
 
 log = logging.getLogger(__name__)
@@ -134,8 +134,8 @@ class MaskGITGenerator(Task):
 
     def init_params(self, rng):
         n = self.config.model.num_tokens
-        params = self.model.init(rng, jnp.zeros((1, n), jnp.int32), jnp.zeros((1,), jnp.int32))
-        return {self.group: params["params"]}
+        return {self.group: init_unrolled(self.model, rng, jnp.zeros((1, n), jnp.int32),
+                                          jnp.zeros((1,), jnp.int32))}
 
     def optimizers(self, abstract_params):
         return {self.group: adamw(self.config.optimizer, abstract_params[self.group],
