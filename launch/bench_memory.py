@@ -23,6 +23,8 @@ its own process, so no figure carries another's heap.
 
     python launch/bench_memory.py --variants S-128,B-64 --dtypes float32,bfloat16 --remat both
     python launch/bench_memory.py --variants S-128 --run --official-src /tmp/1d-tokenizer
+    python launch/bench_memory.py --variants L-32 --dtypes float32 --remat on --scan both \
+        --remat-policy nothing_saveable,save_attention
 """
 from __future__ import annotations
 
@@ -73,12 +75,16 @@ KINDS = (
 )
 
 
-def stage1_config(variant: str, dtype: str, batch: int, remat: bool):
-    """The stage-1 config of ``launch/bench_train.py``: random teacher, ``batch``, ``dtype``."""
+def stage1_config(variant: str, dtype: str, batch: int, remat: bool, scan: bool = False,
+                  policy: str = "nothing_saveable"):
+    """The stage-1 config of ``launch/bench_train.py``: random teacher, ``batch``, ``dtype``,
+    remat (with ``policy``) and scanned layers as asked."""
     config = load_config(os.path.join(ROOT, "configs", "titok.py") + f":variant={variant},stage=1")
     config.global_batch = batch
     config.model.dtype = dtype
     config.model.remat = remat
+    config.model.remat_policy = policy
+    config.model.scan_layers = scan
     config.teacher.allow_random = True
     return config
 
@@ -227,9 +233,10 @@ def short_op_name(op_name: str, keep: int = 70) -> str:
 # -- one configuration, in a child process -------------------------------------------------------
 
 def measure(variant: str, dtype: str, batch: int, remat: bool, run: bool,
-            keep_dump: str | None) -> dict[str, Any]:
+            keep_dump: str | None, scan: bool = False,
+            policy: str = "nothing_saveable") -> dict[str, Any]:
     """Compiles (and with ``run`` executes once) the stage-1 step of one configuration."""
-    config = stage1_config(variant, dtype, batch, remat)
+    config = stage1_config(variant, dtype, batch, remat, scan, policy)
     t = loop.build_trainer(config, sharding.make_mesh(jax.devices()[:1]))
     images = jax.ShapeDtypeStruct((batch, t.task.image_size, t.task.image_size, 3), jnp.float32,
                                   sharding=t.batch_sharding)
@@ -243,7 +250,8 @@ def measure(variant: str, dtype: str, batch: int, remat: bool, run: bool,
     compile_rss = peak_rss_bytes()
     m = compiled.memory_analysis()
     s = t.abstract_state
-    row = {"variant": variant, "dtype": dtype, "remat": remat, "batch": batch,
+    row = {"variant": variant, "dtype": dtype, "remat": remat, "scan": scan,
+           "policy": policy if remat else "-", "batch": batch,
            "compile_s": compile_s, "compile_peak_rss": compile_rss,
            "args": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
@@ -333,16 +341,27 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def remat_label(r: dict) -> str:
+    """``off`` or the remat policy, shortened (``nothing``, ``dots``, ``attn``, ...)."""
+    if not r["remat"]:
+        return "off"
+    short = {"nothing_saveable": "nothing", "dots_saveable": "dots",
+             "dots_with_no_batch_dims_saveable": "dots_nb", "everything_saveable": "all",
+             "save_attention": "attn"}
+    return short.get(r.get("policy", "nothing_saveable"), r.get("policy"))
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"\nGiB; peak est. = args + outputs - aliases + temps; live pk = bytes live at the "
           f"heap simulation's peak; state = params + EMA + optimizer state\n"
-          f"{'variant':<8}{'dtype':<10}{'remat':<6}{'args':>7}{'outs':>7}"
+          f"{'variant':<8}{'dtype':<10}{'remat':<9}{'scan':<5}{'args':>7}{'outs':>7}"
           f"{'alias':>7}{'temp':>7}{'code':>6}{'peak est':>9}{'live pk':>8}{'state':>7}"
           f"{'grads':>7}{'compile s':>10}{'cmp RSS':>8}{'step RSS':>9}{'official':>9}")
     for r in rows:
         step = gib(r["step_peak_rss"]) if "step_peak_rss" in r else "-"
         off = gib(r["official_peak_rss"]) if r.get("official_peak_rss") else "-"
-        print(f"{r['variant']:<8}{r['dtype']:<10}{'on' if r['remat'] else 'off':<6}"
+        print(f"{r['variant']:<8}{r['dtype']:<10}{remat_label(r):<9}"
+              f"{'on' if r.get('scan') else 'off':<5}"
               f"{gib(r['args']):>7}{gib(r['outputs']):>7}{gib(r['alias']):>7}"
               f"{gib(r['temp']):>7}{gib(r['code']):>6}{gib(r['peak_estimate']):>9}"
               f"{gib(r['buffers']['peak_live_bytes']):>8}{gib(r['state']):>7}{gib(r['grads']):>7}"
@@ -351,7 +370,8 @@ def print_table(rows: list[dict]) -> None:
 
 def print_buffers(r: dict) -> None:
     b = r["buffers"]
-    print(f"\n{r['variant']} {r['dtype']} remat {'on' if r['remat'] else 'off'}: live at the "
+    print(f"\n{r['variant']} {r['dtype']} remat {remat_label(r)} scan "
+          f"{'on' if r.get('scan') else 'off'}: live at the "
           f"peak {gib(b['peak_live_bytes'])} GiB at {b['peak_at']}\n  by kind (GiB): "
           + ", ".join(f"{k} {gib(v)}" for k, v in sorted(b["by_kind"].items(),
                                                          key=lambda kv: -kv[1])))
@@ -365,6 +385,10 @@ def main() -> None:
     p.add_argument("--variants", default="S-128,B-64,L-32")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--remat", choices=("off", "on", "both"), default="both")
+    p.add_argument("--remat-policy", default="nothing_saveable",
+                   help="comma-separated remat policies (titok_jax.models.vit.REMAT_POLICIES)")
+    p.add_argument("--scan", choices=("off", "on", "both"), default="off",
+                   help="scanned transformer stacks (config.model.scan_layers)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--run", action="store_true", help="also execute one step: its peak RSS")
     p.add_argument("--official-src", default=None,
@@ -373,6 +397,10 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     remats = {"off": (False,), "on": (True,), "both": (False, True)}[args.remat]
+    scans = {"off": (False,), "on": (True,), "both": (False, True)}[args.scan]
+    policies = args.remat_policy.split(",")
+    settings = [(remat, scan, policy) for scan in scans for remat in remats
+                for policy in (policies if remat else policies[:1])]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, one device "
           f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, batch {args.batch}")
     rows = []
@@ -384,10 +412,11 @@ def main() -> None:
                 print(f"[official] {variant}: peak RSS {gib(official['official_peak_rss'])} GiB"
                       f" (step {official['step_s']:.2f} s)", flush=True)
         for dtype in args.dtypes.split(","):
-            for remat in remats:
-                dump = (os.path.join(args.keep_dump, f"{variant}_{dtype}_remat{int(remat)}")
-                        if args.keep_dump else None)
-                r = in_child(measure, variant, dtype, args.batch, remat, args.run, dump)
+            for remat, scan, policy in settings:
+                dump = (os.path.join(args.keep_dump, f"{variant}_{dtype}_remat{int(remat)}_"
+                                     f"{policy}_scan{int(scan)}") if args.keep_dump else None)
+                r = in_child(measure, variant, dtype, args.batch, remat, args.run, dump, scan,
+                             policy)
                 if official:
                     r.update(official)
                 rows.append(r)

@@ -228,6 +228,31 @@ def test_nonfinite_step_leaves_the_state_untouched(data_dir, task):
         np.testing.assert_array_equal(a, b)
 
 
+def test_guard_decides_on_losses_and_gradients_before_the_update():
+    """A finite loss with a NaN gradient is skipped too; a finite step applies AdamW and EMA.
+    (The guard is known before the optimizer runs, so the selects fuse into the updates.)"""
+    import optax
+
+    from titok_jax.train import state as st
+    params = {"g": {"w": np.ones((4, 4), np.float32), "b": np.zeros((4,), np.float32)}}
+    opt = st.Optimizer(optax.adamw(0.1), lambda step: 0.1, 0.9)
+    state = st.init_state(params, {"g": opt})
+    step = jax.jit(lambda s, g, loss: st.apply_updates(s, {"loss": loss}, {"g": g}, {"g": opt}))
+    nan_grads = {"w": np.full((4, 4), np.nan, np.float32), "b": np.ones((4,), np.float32)}
+    skipped, metrics = step(state, nan_grads, np.float32(1.0))
+    assert float(metrics["nonfinite"]) == 1.0 and int(skipped.step) == 0
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(skipped)):
+        np.testing.assert_array_equal(a, b)
+    grads = {"w": np.ones((4, 4), np.float32), "b": np.ones((4,), np.float32)}
+    applied, metrics = step(state, grads, np.float32(1.0))
+    assert float(metrics["nonfinite"]) == 0.0 and int(applied.step) == 1
+    want, _ = optax.adamw(0.1).update(grads, opt.tx.init(params["g"]), params["g"])
+    np.testing.assert_allclose(applied.params["g"]["w"],
+                               params["g"]["w"] + np.asarray(want["w"]), rtol=1e-6)
+    # The first EMA update copies the params (official EMAModel without warm-up).
+    np.testing.assert_allclose(applied.ema_params["g"]["w"], applied.params["g"]["w"])
+
+
 def test_periodic_evaluation_writes_results(data_dir, tmp_path):
     config = runlocal(data_dir, "total_steps=2", "log_every=2", "image_every=0", "ckpt_every=0",
                       "eval_every=2", "evals=psnr", "data.eval_split=validation[:8]")
