@@ -278,6 +278,9 @@ def run_once(t, compiled, config, batch: int) -> dict[str, Any]:
         np.random.default_rng(0).random((batch, t.task.image_size, t.task.image_size, 3),
                                         np.float32), t.batch_sharding)
     jax.block_until_ready(state)
+    # XLA frees the init's temporaries on its own thread shortly after the result is ready
+    # (2.7 GiB for L-32 within 0.5 s): let that finish before the step's peak counter starts.
+    time.sleep(2.0)
     before = current_rss_bytes()
     reset = reset_peak_rss()
     sampled = RssSampler() if not reset else None
