@@ -93,11 +93,14 @@ def time_trainer_step(config, kind: str, warmup: int,
 
 
 def jax_step(variant: str, dtype: str, batch: int, warmup: int, iters: int,
-             remat: bool = False) -> dict[str, Any]:
+             remat: bool = False, scan: bool = False,
+             policy: str = "nothing_saveable") -> dict[str, Any]:
     config = load_config(os.path.join(ROOT, "configs", "titok.py") + f":variant={variant},stage=1")
     config.global_batch = batch
     config.model.dtype = dtype
     config.model.remat = remat
+    config.model.remat_policy = policy
+    config.model.scan_layers = scan
     config.teacher.allow_random = True  # random weights time the same as the release
     return time_trainer_step(config, "train", warmup, iters)[0]
 
@@ -254,7 +257,7 @@ def speed_row(variant: str, dtype: str, batch: int, r: dict, peak: float,
               official_s: float | None) -> dict[str, Any]:
     """A result row: the timings ``r`` with images/s, GFLOP/s, MFU and the official speed-up."""
     gflops = r["flops"] / r["s_per_step"] / 1e9
-    row = dict(variant=variant, dtype=dtype, batch=batch, **r,
+    row = dict(variant=variant, dtype=dtype, batch=batch, layers="unrolled", **r,
                images_per_s=batch / r["s_per_step"], gflops_per_s=gflops, mfu=gflops / peak)
     if official_s is not None:
         row["official_s"] = official_s
@@ -278,12 +281,14 @@ def gan_row(variant: str, dtype: str, batch: int, r: dict, peak: float,
 
 
 def print_speed_table(rows: list[dict]) -> None:
-    print(f"\n{'variant':<10}{'dtype':<10}{'compile s':>10}{'s/step':>9}{'img/s':>8}"
+    print(f"\n{'variant':<10}{'dtype':<10}{'layers':<14}{'compile s':>10}{'s/step':>9}"
+          f"{'img/s':>8}"
           f"{'GFLOP':>9}{'GFLOP/s':>9}{'MFU %':>7}{'official s':>11}{'speed-up':>9}")
     for r in rows:
         off = f"{r['official_s']:.2f}" if "official_s" in r else "-"
         sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        print(f"{r['variant']:<10}{r['dtype']:<10}{r['compile_s']:>10.1f}{r['s_per_step']:>9.2f}"
+        print(f"{r['variant']:<10}{r['dtype']:<10}{r['layers']:<14}{r['compile_s']:>10.1f}"
+              f"{r['s_per_step']:>9.2f}"
               f"{r['images_per_s']:>8.2f}{r['flops'] / 1e9:>9.1f}{r['gflops_per_s']:>9.1f}"
               f"{100 * r['mfu']:>7.1f}{off:>11}{sp:>9}")
 
@@ -315,11 +320,17 @@ def run_stage1(args, peaks: dict[str, float], titok_cls) -> list[dict]:
             print(f"[official] {variant}: step {official['step_s']:.2f} s + proxy-code encode "
                   f"{official['proxy_s']:.2f} s per batch of {args.batch}")
         official_s = official["step_s"] + official["proxy_s"] if official else None
+        scans = {"off": (False,), "on": (True,), "both": (False, True)}[args.scan]
         for dtype in args.dtypes.split(","):
-            r = jax_step(variant, dtype, args.batch, args.warmup, args.iters, args.remat)
-            rows.append(speed_row(variant, dtype, args.batch, r, peaks[dtype], official_s))
-            print(f"  {variant} {dtype}: {r['s_per_step']:.2f} s/step, "
-                  f"{rows[-1]['images_per_s']:.2f} img/s", flush=True)
+            for scan in scans:
+                r = jax_step(variant, dtype, args.batch, args.warmup, args.iters, args.remat,
+                             scan, args.remat_policy)
+                row = speed_row(variant, dtype, args.batch, r, peaks[dtype], official_s)
+                row["layers"] = ("scan" if scan else "unrolled") + ("+remat" if args.remat
+                                                                    else "")
+                rows.append(row)
+                print(f"  {variant} {dtype} {row['layers']}: {r['s_per_step']:.2f} s/step, "
+                      f"{row['images_per_s']:.2f} img/s", flush=True)
     print_speed_table(rows)
     return rows
 
@@ -374,6 +385,10 @@ def main() -> None:
     p.add_argument("--peak-gflops", type=float, default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--remat", action="store_true", help="recompute block activations (memory)")
+    p.add_argument("--remat-policy", default="nothing_saveable",
+                   help="what remat keeps (titok_jax.models.vit.REMAT_POLICIES)")
+    p.add_argument("--scan", choices=("off", "on", "both"), default="off",
+                   help="stage 1: scanned transformer stacks (config.model.scan_layers)")
     args = p.parse_args()
     args.variants = args.variants or STAGES[args.stage][0]
     device = jax.devices()[0]
