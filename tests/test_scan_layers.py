@@ -79,10 +79,9 @@ def test_alit_scanned_matches_unrolled_and_exports_official_keys(inputs, tmp_pat
     cfg = _scanned(variants.alit_model_config("alit_fixture_tiny"))
     scan = titok_jax.load_alit("alit_fixture_tiny", ALIT_WEIGHTS, model_config=cfg)
     assert "transformer" in scan.params["encoder"]
-    for n in (32, 64):
-        ids = plain.encode(inputs, num_tokens=n)
-        np.testing.assert_array_equal(scan.encode(inputs, num_tokens=n), ids)
-        np.testing.assert_allclose(scan.decode(ids), plain.decode(ids), atol=2e-5)
+    ids = plain.encode(inputs, num_tokens=64)      # two iterations of the recurrent encoder
+    np.testing.assert_array_equal(scan.encode(inputs, num_tokens=64), ids)
+    np.testing.assert_allclose(scan.decode(ids), plain.decode(ids), atol=2e-5)
     out = str(tmp_path / "alit.safetensors")
     titok_jax.export_pytorch(scan, out)
     state, exported = official.read_state_dict(ALIT_WEIGHTS), official.read_state_dict(out)
