@@ -358,7 +358,11 @@ def kill_and_resume(cmd_straight, cmd_killed, killed_dir, kill_after_step, env=N
     subprocess.run(cmd_killed, check=True, capture_output=True, env=env)
 
 
-@pytest.mark.parametrize("arg", ["titok.py:runlocal", "alit.py:runlocal"])
+@pytest.mark.parametrize("arg", [
+    "titok.py:runlocal",
+    # The same loop with another task; ALIT's own bitwise resume is in test_alit_stage2.py.
+    pytest.param("alit.py:runlocal", marks=pytest.mark.slow),
+])
 def test_kill_minus_nine_and_resume_is_bitwise(data_dir, tmp_path, arg):
     args = ["--config.total_steps=16", "--config.ckpt_every=4", "--config.log_every=4",
             *[f"--config.{o}" for o in REAL_UPDATES]]
