@@ -155,8 +155,11 @@ def test_remat_policies_by_name():
         LayerStack(remat=True, remat_policy="dots")
     cfg = variants.titok_model_config("tiny")
     cfg.remat, cfg.remat_policy = True, "everything_saveabel"
-    with pytest.raises(ValueError, match="everything_saveabel"):
-        variants.build_model(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="remat_policy 'everything_saveabel'; known"):
+        variants.build_model(cfg)
+    gen = variants.generator_model_config("titok_l32", remat_policy="dot")
+    with pytest.raises(ValueError, match="remat_policy 'dot'; known"):
+        variants.build_generator(gen)
 
 
 @pytest.mark.parametrize("task,extra", [

@@ -173,6 +173,14 @@ def _lookup(table: dict[str, Any], key: str, what: str) -> Any:
     return table[key]
 
 
+def _check_remat_policy(cfg: ml_collections.ConfigDict) -> None:
+    from titok_jax.models.vit import REMAT_POLICIES
+    policy = cfg.get("remat_policy", "nothing_saveable")
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown config.model.remat_policy {policy!r}; known: "
+                         f"{sorted(REMAT_POLICIES)}")
+
+
 def _check_keys(cfg: ml_collections.ConfigDict, allowed: set[str]) -> None:
     unknown = sorted(set(cfg.keys()) - allowed)
     if unknown:
@@ -185,6 +193,7 @@ def build_model(cfg: ml_collections.ConfigDict | dict):
     import jax.numpy as jnp
     cfg = ml_collections.ConfigDict(dict(cfg))
     dtype = jnp.dtype(cfg.get("dtype", "float32"))
+    _check_remat_policy(cfg)
     if cfg.name == "maskgit_vqgan":
         _check_keys(cfg, {"name", "size", "dtype"})
         return MaskGITVQGAN(_lookup(VQGAN_SIZES, cfg.size, "VQGAN size"), dtype)
@@ -275,6 +284,7 @@ def build_generator(cfg: ml_collections.ConfigDict | dict):
     import jax.numpy as jnp
     cfg = ml_collections.ConfigDict(dict(cfg))
     _check_keys(cfg, _GENERATOR_KEYS)
+    _check_remat_policy(cfg)
     arch = GeneratorArch(
         cfg.arch, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size,
         cfg.codebook_size, cfg.num_tokens, num_classes=cfg.get("num_classes", 1000),
