@@ -308,6 +308,7 @@ def test_grain_workers_make_the_threaded_batches(photos):
         got = dict(workers.iterate(0, steps))
         assert sorted(got) == list(range(steps))
         for step, batch in expected.items():
+            assert got[step]["image"].dtype == np.float32 and got[step]["label"].dtype == np.int32
             np.testing.assert_array_equal(got[step]["image"], batch["image"])
             np.testing.assert_array_equal(got[step]["label"], batch["label"])
         assert workers.stats == threads.stats and workers.stats["skipped_corrupt"] >= 2

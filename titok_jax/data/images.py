@@ -89,13 +89,23 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize(resized_size(*img.size, size), Image.Resampling.BICUBIC)
 
 
-def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+def center_crop_uint8(img: Image.Image, size: int) -> np.ndarray:
     """The official eval transform: :func:`resize_shorter_side`, then the centre crop of
-    :func:`center_crop_offsets`; float32 [size, size, 3] in [0, 1]."""
+    :func:`center_crop_offsets`; uint8 [size, size, 3]."""
     img = resize_shorter_side(img, size)
     left, top = center_crop_offsets(*img.size, size)
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def to_unit_float(pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1], exactly ``float32(x) / 255`` (torchvision's
+    ``ToTensor``), written into ``out`` when given (e.g. a whole batch in shared memory)."""
+    return np.divide(pixels, np.float32(255.0), out=out, dtype=np.float32)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """:func:`center_crop_uint8` as float32 [size, size, 3] in [0, 1]."""
+    return to_unit_float(center_crop_uint8(img, size))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

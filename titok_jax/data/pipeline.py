@@ -57,14 +57,24 @@ from PIL import Image
 
 from titok_jax import cache
 from titok_jax.data import embedded
-from titok_jax.data.images import BadImageError, resize_center_crop, resize_shorter_side, to_rgb
+from titok_jax.data.images import (
+    BadImageError,
+    center_crop_uint8,
+    resize_shorter_side,
+    to_rgb,
+    to_unit_float,
+)
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 DatasetArg = str | tfds.core.DatasetBuilder
-# An image transform: (RGB image, size, rng or None) -> float32 [size, size, 3] in [0, 1].
-Transform = Callable[[Image.Image, int, np.random.Generator | None], np.ndarray]
+# An image crop: (RGB image, size, rng or None) -> uint8 [size, size, 3]. Batches are made of
+# uint8 crops (what Grain workers hand over: a quarter of the bytes) converted to float32 in
+# [0, 1] once, by :func:`~titok_jax.data.images.to_unit_float`.
+Crop = Callable[[Image.Image, int, np.random.Generator | None], np.ndarray]
+# Allocates a batch's uint8 pixel buffer: (shape, dtype) -> array (np.empty, or shared memory).
+Allocator = Callable[[tuple[int, ...], Any], np.ndarray]
 # URL schemes that TFDS array_record data sources can read. Their reader is array_record's C++
 # one, not etils.epath: it opens local files and, since array_record 0.8.6 (pinned), gs:// with
 # its own GCS client (checked against a GCS emulator in tests/test_data.py); nothing else.
@@ -116,32 +126,42 @@ def decode_rgb(data: bytes) -> tuple[Image.Image, bool]:
         raise BadImageError(f"cannot decode image ({e})") from e
 
 
-def train_transform(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """The official TiTok train recipe: torchvision's ``Resize(size, BICUBIC, antialias=True)``
-    (:func:`~titok_jax.data.images.resize_shorter_side`), ``RandomCrop(size)`` (offsets uniform
-    in ``[0, side - size]``) and ``RandomHorizontalFlip()``."""
+def train_crop(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """The official TiTok train recipe on uint8 pixels: torchvision's ``Resize(size, BICUBIC,
+    antialias=True)`` (:func:`~titok_jax.data.images.resize_shorter_side`), ``RandomCrop(size)``
+    (offsets uniform in ``[0, side - size]``) and ``RandomHorizontalFlip()``."""
     arr = np.asarray(resize_shorter_side(img, size))
     top = rng.integers(0, arr.shape[0] - size + 1)
     left = rng.integers(0, arr.shape[1] - size + 1)
     arr = arr[top:top + size, left:left + size]
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
-    return np.asarray(arr, dtype=np.float32) / 255.0
+    return arr
+
+
+def eval_crop(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """torchvision's ``Resize(size, BICUBIC, antialias=True)`` + ``CenterCrop(size)``
+    (:func:`~titok_jax.data.images.center_crop_uint8`) on uint8 pixels."""
+    return center_crop_uint8(img, size)
+
+
+def train_transform(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
+    """:func:`train_crop` as float32 [size, size, 3] in [0, 1] (what a training batch holds)."""
+    return to_unit_float(train_crop(img, size, rng))
 
 
 def eval_transform(img: Image.Image, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """torchvision's ``Resize(size, BICUBIC, antialias=True)`` + ``CenterCrop(size)``
-    (:func:`~titok_jax.data.images.resize_center_crop`)."""
-    return resize_center_crop(img, size)
+    """:func:`eval_crop` as float32 [size, size, 3] in [0, 1] (what an eval batch holds)."""
+    return to_unit_float(eval_crop(img, size, rng))
 
 
-def _process(data: bytes, size: int, transform: Transform,
+def _process(data: bytes, size: int, crop: Crop,
              rng_seed: list[int] | None) -> tuple[np.ndarray, bool, bool]:
-    """Decode + transform of one example (runs in the pool); -> (image, converted, upsampled)."""
+    """Decode + crop of one example (runs in the pool); -> (uint8 crop, converted, upsampled)."""
     img, converted = decode_rgb(data)
     upsampled = min(img.size) < size
     rng = None if rng_seed is None else np.random.default_rng(rng_seed)
-    return transform(img, size, rng), converted, upsampled
+    return crop(img, size, rng), converted, upsampled
 
 
 def _as_str(value: Any) -> str:
@@ -262,11 +282,11 @@ class _HostPipeline:
         # One bulk read keeps all array_record access on the calling thread.
         return list(self.source.__getitems__(indices)) if indices else []
 
-    def _decode(self, records: list[dict[str, Any]], transform: Transform,
+    def _decode(self, records: list[dict[str, Any]], crop: Crop,
                 rng_seeds: list[list[int] | None]) -> list[np.ndarray | BadImageError]:
-        """Decodes records in the pool; counts conversions/upsamplings of the good ones and
-        returns the error in place of an image for the bad ones."""
-        futures = [self._pool.submit(_process, r["image"], self.image_size, transform, s)
+        """Decodes and crops records in the pool (uint8 crops); counts conversions/upsamplings
+        of the good ones and returns the error in place of an image for the bad ones."""
+        futures = [self._pool.submit(_process, r["image"], self.image_size, crop, s)
                    for r, s in zip(records, rng_seeds)]
         out: list[np.ndarray | BadImageError] = []
         for future in futures:
@@ -334,6 +354,12 @@ class TrainPipeline(_HostPipeline):
 
     def batch(self, step: int) -> Batch:
         """This host's batch for global step ``step``."""
+        pixels, labels = self.pixels(step)
+        return {"image": to_unit_float(pixels), "label": labels}
+
+    def pixels(self, step: int, allocate: Allocator = np.empty) -> tuple[np.ndarray, np.ndarray]:
+        """This host's batch for global step ``step`` before the float conversion: uint8
+        ``[b, S, S, 3]`` pixels written into ``allocate(shape, np.uint8)``, and int32 labels."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         b = self.per_host_batch
@@ -342,17 +368,20 @@ class TrainPipeline(_HostPipeline):
         seeds = [[self.seed, step, g] for g in slots]
         indices = [self._index_at(p) for p in positions]
         records = self._read(indices)
-        images = self._decode(records, train_transform, seeds)
+        crops = self._decode(records, train_crop, seeds)
         labels = [int(r["label"]) for r in records]
-        for i, image in enumerate(images):
-            if isinstance(image, BadImageError):
-                images[i], labels[i] = self._replacement(positions[i], records[i], image,
-                                                         seeds[i])
-        return {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+        for i, crop in enumerate(crops):
+            if isinstance(crop, BadImageError):
+                crops[i], labels[i] = self._replacement(positions[i], records[i], crop, seeds[i])
+        size = self.image_size
+        pixels = allocate((b, size, size, 3), np.uint8)
+        for i, crop in enumerate(crops):
+            pixels[i] = crop
+        return pixels, np.asarray(labels, np.int32)
 
     def _replacement(self, position: int, record: dict[str, Any], error: Exception,
                      seed: list[int]) -> tuple[np.ndarray, int]:
-        """The first decodable example after ``position`` in the permutation order, transformed
+        """The first decodable example after ``position`` in the permutation order, cropped
         with the failed slot's rng (so the result does not depend on how often we retried)."""
         self._skip(self._index_at(position), record, error)
         for p in range(position + 1, position + 1 + self.num_examples):
@@ -361,7 +390,7 @@ class TrainPipeline(_HostPipeline):
                 self._skip(index, None, None)
                 continue
             [record] = self._read([index])
-            [image] = self._decode([record], train_transform, [seed])
+            [image] = self._decode([record], train_crop, [seed])
             if not isinstance(image, BadImageError):
                 return image, int(record["label"])
             self._skip(index, record, image)
@@ -397,24 +426,32 @@ class TrainPipeline(_HostPipeline):
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=self.workers, per_worker_buffer_size=max(1, self.prefetch)))
         iterator = iter(dataset)
-        try:
-            for step, (batch, stats) in zip(range(start_step, stop), iterator):
-                for k, v in stats.items():  # the workers' counters, summed here
+
+        def produce(step: int) -> Batch:
+            pixels, labels, stats = next(iterator)
+            with self._lock:  # the workers' counters, summed here
+                for k, v in stats.items():
                     self.stats[k] += v
-                # Own copies: the workers' shared-memory buffers are released right away
-                # instead of whenever the last view of them dies (maybe only at exit).
-                yield step, {k: np.array(v) for k, v in batch.items()}
+            # The pixels arrive in shared memory (unlinked once ``pixels`` dies, right after
+            # this conversion); the float32 batch is made in private memory by the prefetch
+            # thread, off the training loop's thread.
+            return {"image": to_unit_float(pixels), "label": np.array(labels)}
+
+        try:
+            yield from prefetched(produce, range(start_step, stop), self.prefetch)
         finally:
             iterator.close()  # stops the workers and frees their shared memory
 
 
 class _GrainBatches:
-    """``step -> (this host's batch, its bad-example counters)``, picklable for Grain workers:
-    each worker process opens the prepared dataset from its directory
+    """``step -> (this host's uint8 pixels, labels, bad-example counters)``, picklable for Grain
+    workers: each worker process opens the prepared dataset from its directory
     (``tfds.builder_from_directory``, so no builder class has to be importable there) and makes
-    whole batches with :meth:`TrainPipeline.batch`, one at a time, decoding its images with
-    ``num_threads`` threads. The batches are the same as the threaded pipeline's: they depend
-    only on ``(seed, step)``."""
+    whole batches with :meth:`TrainPipeline.pixels`, one at a time, decoding its images with
+    ``num_threads`` threads. Grain hands the arrays over through shared memory; uint8 is a
+    quarter of the float32 batch's bytes, and the float conversion is one vectorised pass in the
+    main process. The batches are the same as the threaded pipeline's: they depend only on
+    ``(seed, step)``."""
 
     def __init__(self, builder_dir: str, split: str, global_batch: int, image_size: int,
                  seed: int, process_index: int, process_count: int, num_threads: int):
@@ -425,7 +462,7 @@ class _GrainBatches:
     def __getstate__(self):
         return {"args": self.args, "_pipe": None}
 
-    def __call__(self, step: int) -> tuple[Batch, dict[str, int]]:
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
         if self._pipe is None:
             builder_dir, split, global_batch, image_size, seed, index, count, threads = self.args
             self._pipe = TrainPipeline(
@@ -433,8 +470,8 @@ class _GrainBatches:
                 global_batch=global_batch, image_size=image_size, seed=seed,
                 process_index=index, process_count=count, num_threads=threads, prefetch=0)
         before = dict(self._pipe.stats)
-        batch = self._pipe.batch(int(step))
-        return batch, {k: v - before[k] for k, v in self._pipe.stats.items()}
+        pixels, labels = self._pipe.pixels(int(step))
+        return pixels, labels, {k: v - before[k] for k, v in self._pipe.stats.items()}
 
 
 class EvalPipeline(_HostPipeline):
@@ -468,13 +505,14 @@ class EvalPipeline(_HostPipeline):
         images = np.zeros((b, size, size, 3), np.float32)
         labels = np.zeros((b,), np.int32)
         mask = np.zeros((b,), bool)
-        decoded = self._decode(records, eval_transform, [None] * len(records))
+        decoded = self._decode(records, eval_crop, [None] * len(records))
         for i, (index, record, image) in enumerate(zip(indices, records, decoded)):
             labels[i] = int(record["label"])
             if isinstance(image, BadImageError):
                 self._skip(index, record, image)
                 continue
-            images[i], mask[i] = image, True
+            to_unit_float(image, out=images[i])
+            mask[i] = True
         return {"image": images, "label": labels, "mask": mask}
 
     def __iter__(self) -> Iterator[Batch]:
