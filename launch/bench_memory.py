@@ -76,15 +76,18 @@ KINDS = (
 
 
 def stage1_config(variant: str, dtype: str, batch: int, remat: bool, scan: bool = False,
-                  policy: str = "nothing_saveable"):
+                  policy: str = "nothing_saveable", ema: bool = True):
     """The stage-1 config of ``launch/bench_train.py``: random teacher, ``batch``, ``dtype``,
-    remat (with ``policy``) and scanned layers as asked."""
+    remat (with ``policy``), scanned layers and the EMA copy (on in every released recipe) as
+    asked."""
     config = load_config(os.path.join(ROOT, "configs", "titok.py") + f":variant={variant},stage=1")
     config.global_batch = batch
     config.model.dtype = dtype
     config.model.remat = remat
     config.model.remat_policy = policy
     config.model.scan_layers = scan
+    if not ema:
+        config.ema_decay = None
     config.teacher.allow_random = True
     return config
 
@@ -234,9 +237,9 @@ def short_op_name(op_name: str, keep: int = 70) -> str:
 
 def measure(variant: str, dtype: str, batch: int, remat: bool, run: bool,
             keep_dump: str | None, scan: bool = False,
-            policy: str = "nothing_saveable") -> dict[str, Any]:
+            policy: str = "nothing_saveable", ema: bool = True) -> dict[str, Any]:
     """Compiles (and with ``run`` executes once) the stage-1 step of one configuration."""
-    config = stage1_config(variant, dtype, batch, remat, scan, policy)
+    config = stage1_config(variant, dtype, batch, remat, scan, policy, ema)
     t = loop.build_trainer(config, sharding.make_mesh(jax.devices()[:1]))
     images = jax.ShapeDtypeStruct((batch, t.task.image_size, t.task.image_size, 3), jnp.float32,
                                   sharding=t.batch_sharding)
@@ -319,15 +322,17 @@ class RssSampler:
         return self.peak
 
 
-def official_peak(src: str, variant: str, batch: int) -> dict[str, Any] | None:
+def official_peak(src: str, variant: str, batch: int, ema: bool = True
+                  ) -> dict[str, Any] | None:
     """Peak RSS of this (fresh) process around one official step + proxy encode (after one
-    warm-up), or None if the official code cannot be imported."""
+    warm-up; with the official ``EMAModel`` update when ``ema``), or None if the official code
+    cannot be imported."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_train  # its official step; launch/ is not a package
     titok_cls = load_official_titok(src)
     if titok_cls is None or not bench_train.official_arch(variant):
         return None
-    seconds = bench_train.official_step(titok_cls, variant, batch, warmup=1, iters=1)
+    seconds = bench_train.official_step(titok_cls, variant, batch, warmup=1, iters=1, ema=ema)
     return {"official_peak_rss": peak_rss_bytes(), **seconds}
 
 
@@ -393,6 +398,9 @@ def main() -> None:
     p.add_argument("--scan", choices=("off", "on", "both"), default="off",
                    help="scanned transformer stacks (config.model.scan_layers)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--ema", choices=("on", "off"), default="on",
+                   help="keep an EMA copy of the parameters, in both steps (the released "
+                        "recipes do, official and titok-jax)")
     p.add_argument("--run", action="store_true", help="also execute one step: its peak RSS")
     p.add_argument("--official-src", default=None,
                    help="checkout of bytedance/1d-tokenizer: the official step's peak RSS")
@@ -405,12 +413,14 @@ def main() -> None:
     settings = [(remat, scan, policy) for scan in scans for remat in remats
                 for policy in (policies if remat else policies[:1])]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, one device "
-          f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, batch {args.batch}")
+          f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, batch {args.batch}, "
+          f"EMA copy {args.ema} (both steps)")
     rows = []
     for variant in args.variants.split(","):
         official = None
         if args.official_src:
-            official = in_child(official_peak, args.official_src, variant, args.batch)
+            official = in_child(official_peak, args.official_src, variant, args.batch,
+                                args.ema == "on")
             if official:
                 print(f"[official] {variant}: peak RSS {gib(official['official_peak_rss'])} GiB"
                       f" (step {official['step_s']:.2f} s)", flush=True)
@@ -419,7 +429,7 @@ def main() -> None:
                 dump = (os.path.join(args.keep_dump, f"{variant}_{dtype}_remat{int(remat)}_"
                                      f"{policy}_scan{int(scan)}") if args.keep_dump else None)
                 r = in_child(measure, variant, dtype, args.batch, remat, args.run, dump, scan,
-                             policy)
+                             policy, args.ema == "on")
                 if official:
                     r.update(official)
                 rows.append(r)

@@ -118,9 +118,11 @@ def official_adamw(named_parameters, betas: tuple[float, float]):
                               {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=betas)
 
 
-def official_step(titok_cls, variant: str, batch: int, warmup: int,
-                  iters: int) -> dict[str, float]:
-    """Official stage-1 step and proxy-code encode, seconds (median), float32 on CPU/GPU."""
+def official_step(titok_cls, variant: str, batch: int, warmup: int, iters: int,
+                  ema: bool = False) -> dict[str, float]:
+    """Official stage-1 step and proxy-code encode, seconds (median), float32 on CPU/GPU.
+    ``ema``: the step also updates the official ``EMAModel`` (decay 0.999) after the optimizer,
+    as the official training script does (``training.use_ema``)."""
     import torch
     import torch.nn.functional as F
     from modeling.modules.maskgit_vqgan import Encoder, VectorQuantizer
@@ -134,6 +136,10 @@ def official_step(titok_cls, variant: str, batch: int, warmup: int,
                                "num_res_blocks": 2, "resolution": 256, "z_channels": 256})
     encoder, quantize = Encoder(vq_cfg).eval(), VectorQuantizer(1024, 256, 0.25)
     opt = official_adamw(model.named_parameters(), betas=(0.9, 0.99))
+    ema_model = None
+    if ema:
+        from modeling.modules.ema_model import EMAModel
+        ema_model = EMAModel(model.parameters(), decay=0.999)
     x = torch.from_numpy(np.random.default_rng(0).random((batch, 3, 256, 256), np.float32))
 
     def proxy():
@@ -149,6 +155,8 @@ def official_step(titok_cls, variant: str, batch: int, warmup: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if ema_model is not None:
+            ema_model.step(model.parameters())
     return {"step_s": median_seconds(step, warmup, iters),
             "proxy_s": median_seconds(proxy, warmup, iters)}
 

@@ -3,6 +3,7 @@ sharding (8 devices == 1, 2 processes == 1), FSDP, kill -9 + bitwise resume, non
 checkpoint safety (stored config, unrestorable checkpoints), no silent random teacher."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -251,6 +252,64 @@ def test_guard_decides_on_losses_and_gradients_before_the_update():
                                params["g"]["w"] + np.asarray(want["w"]), rtol=1e-6)
     # The first EMA update copies the params (official EMAModel without warm-up).
     np.testing.assert_allclose(applied.ema_params["g"]["w"], applied.params["g"]["w"])
+
+
+def test_guarded_adamw_is_optax_adamw_bit_for_bit_and_skips_in_place():
+    """The project's AdamW (the guard inside the optimizer) gives the params and state of
+    optax.adamw guarded after the update (the previous way) bit for bit over several steps, a
+    skipped step in between changes nothing, and the compiled, donated step copies no parameter
+    or optimizer-state buffer (guarding after optax's update left two unordered readers of
+    every old moment, which XLA resolved by copying them all)."""
+    import ml_collections
+    import optax
+
+    from titok_jax.train import state as st
+    cfg = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=2, total_steps=10, end_lr=1e-3,
+                                         b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-2,
+                                         grad_clip=1.0))
+    rng = np.random.default_rng(0)
+    params = {"g": {"w": rng.normal(size=(64, 32)).astype(np.float32),
+                    "b": rng.normal(size=(32,)).astype(np.float32)}}
+    opt = st.adamw(cfg, params["g"], None, 0.9)
+    assert opt.guarded
+    reference = st.Optimizer(
+        optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                    optax.adamw(opt.schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                weight_decay=cfg.weight_decay,
+                                mask=lambda p: jax.tree_util.tree_map(lambda a: a.ndim >= 2, p))),
+        opt.schedule, 0.9)
+
+    def stepper(o):
+        return jax.jit(lambda s, g, loss: st.apply_updates(s, {"loss": loss}, {"g": g}, {"g": o}),
+                       donate_argnums=0)
+    step, ref_step = stepper(opt), stepper(reference)
+    state = st.init_state(params, {"g": opt})
+    ref_state = st.init_state(params, {"g": reference})
+    for i in range(4):
+        grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params["g"].items()}
+        if i == 2:  # a skipped step: NaN gradients
+            before = jax.device_get(state)
+            state, m = step(state, {k: v * np.nan for k, v in grads.items()}, np.float32(1))
+            assert float(m["nonfinite"]) == 1.0
+            for a, b in zip(jax.tree_util.tree_leaves(before),
+                            jax.tree_util.tree_leaves(jax.device_get(state))):
+                np.testing.assert_array_equal(a, b)
+        state, m = step(state, grads, np.float32(1))
+        ref_state, ref_m = ref_step(ref_state, grads, np.float32(1))
+        assert float(m["nonfinite"]) == 0.0
+        assert float(m["update_norm"]) == float(ref_m["update_norm"])
+    assert int(state.step) == int(ref_state.step) == 4
+    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(ref_state)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # No copy of a donated array in the compiled step (``copy(%<entry parameter>)``; scalars
+    # such as the step counters may be copied).
+    hlo = step.lower(state, grads, np.float32(1)).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    parameters = set(re.findall(r"%([\w.]+) = [^\n]*? parameter\(", entry))
+    copied = [a for a in re.findall(r"= \w+\[\d[\d,]*\]\S* copy\(%([\w.]+)\)", entry)
+              if a in parameters]
+    assert parameters and not copied, copied
 
 
 def test_periodic_evaluation_writes_results(data_dir, tmp_path):

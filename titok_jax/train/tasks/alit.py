@@ -54,6 +54,7 @@ from titok_jax.models.maskgit_vqgan import VQGANDecoder
 from titok_jax.train.state import (
     Optimizer,
     adamw,
+    adamw_guarded,
     apply_updates,
     decay_mask,
     learning_rate_schedule,
@@ -109,8 +110,7 @@ _DISCRIMINATORS = "discriminators"
 def _adamw(opt_cfg, lr, mask, clip: bool) -> optax.GradientTransformation:
     """The official AdamW of ``opt_cfg`` at learning rate ``lr`` (a scalar: stage 2 sets it from
     the global step, not from the optimizer's own update count)."""
-    adam = optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                       weight_decay=opt_cfg.weight_decay, mask=mask)
+    adam = adamw_guarded(lr, opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.weight_decay, mask)
     return optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), adam) if clip else adam
 
 
@@ -237,7 +237,7 @@ class ALITStage2(Task):
         side_lr = main_lr if which is not None and which[0] == "generator" else disc_lr
         return {self.group: Optimizer(_adamw(cfg.optimizer, main_lr, tokenizer_mask, clip=True),
                                       lambda _: main_lr,
-                                      cfg.ema_decay if step is None else None),
+                                      cfg.ema_decay if step is None else None, guarded=True),
                 _DISCRIMINATORS: Optimizer(disc_tx, lambda _: side_lr, None)}
 
     # -- schedule ------------------------------------------------------------------------------
