@@ -18,7 +18,7 @@ from titok_jax.convert import official
 from titok_jax.convert.layout import to_layout, unstack_layers
 from titok_jax.models.vit import LayerStack
 from titok_jax.sharding import make_mesh, tree_specs
-from titok_jax.train.state import decay_mask
+from titok_jax.train.state import decay_mask, has_scanned_layers
 
 from helpers import DATA, fixture_model_config
 
@@ -114,6 +114,8 @@ def test_layout_conversion_decay_mask_and_fsdp_specs():
         assert block == m_stacked["encoder"]["transformer"]
     assert m_stacked["encoder"]["transformer"]["attn"]["in_proj"]["kernel"] is True
     assert m_stacked["encoder"]["transformer"]["ln_1"]["scale"] is False
+    # AdamW guards inside the optimizer for stacks (state.adamw_for).
+    assert has_scanned_layers(stacked, name_map) and not has_scanned_layers(p_unrolled, name_map)
     # FSDP never shards the layer axis of a stack.
     specs = tree_specs(stacked, make_mesh(), fsdp=True, fsdp_min_size=1)
     for path, spec in jax.tree_util.tree_leaves_with_path(

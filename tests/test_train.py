@@ -270,8 +270,14 @@ def test_guarded_adamw_is_optax_adamw_bit_for_bit_and_skips_in_place():
     rng = np.random.default_rng(0)
     params = {"g": {"w": rng.normal(size=(64, 32)).astype(np.float32),
                     "b": rng.normal(size=(32,)).astype(np.float32)}}
-    opt = st.adamw(cfg, params["g"], None, 0.9)
-    assert opt.guarded
+    schedule = st.learning_rate_schedule(cfg)
+    mask = jax.tree_util.tree_map(lambda a: a.ndim >= 2, params["g"])
+    opt = st.Optimizer(optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                                   st.adamw_for(schedule, cfg.b1, cfg.b2, cfg.eps,
+                                                cfg.weight_decay, mask, guard_inside=True)),
+                       schedule, 0.9, guarded=True)
+    # What the trainer builds for these (unscanned) params: optax.adamw, guarded after.
+    assert not st.adamw(cfg, params["g"], None, 0.9).guarded
     reference = st.Optimizer(
         optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                     optax.adamw(opt.schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,

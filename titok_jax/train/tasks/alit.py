@@ -54,9 +54,10 @@ from titok_jax.models.maskgit_vqgan import VQGANDecoder
 from titok_jax.train.state import (
     Optimizer,
     adamw,
-    adamw_guarded,
+    adamw_for,
     apply_updates,
     decay_mask,
+    has_scanned_layers,
     learning_rate_schedule,
 )
 from titok_jax.train.tasks import register
@@ -107,10 +108,13 @@ class ALITStage1(Task):
 _DISCRIMINATORS = "discriminators"
 
 
-def _adamw(opt_cfg, lr, mask, clip: bool) -> optax.GradientTransformation:
+def _adamw(opt_cfg, lr, mask, clip: bool, guard_inside: bool = False
+           ) -> optax.GradientTransformation:
     """The official AdamW of ``opt_cfg`` at learning rate ``lr`` (a scalar: stage 2 sets it from
-    the global step, not from the optimizer's own update count)."""
-    adam = adamw_guarded(lr, opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.weight_decay, mask)
+    the global step, not from the optimizer's own update count); ``guard_inside``: see
+    :func:`titok_jax.train.state.adamw_for`."""
+    adam = adamw_for(lr, opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.weight_decay, mask,
+                     guard_inside=guard_inside)
     return optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), adam) if clip else adam
 
 
@@ -235,9 +239,11 @@ class ALITStage2(Task):
         disc_tx = _per_discriminator(sorted(abstract_params[_DISCRIMINATORS]), own,
                                      generator_side, which)
         side_lr = main_lr if which is not None and which[0] == "generator" else disc_lr
-        return {self.group: Optimizer(_adamw(cfg.optimizer, main_lr, tokenizer_mask, clip=True),
+        scanned = has_scanned_layers(abstract_params[self.group], name_map_for(cfg.model))
+        return {self.group: Optimizer(_adamw(cfg.optimizer, main_lr, tokenizer_mask, clip=True,
+                                             guard_inside=scanned),
                                       lambda _: main_lr,
-                                      cfg.ema_decay if step is None else None, guarded=True),
+                                      cfg.ema_decay if step is None else None, guarded=scanned),
                 _DISCRIMINATORS: Optimizer(disc_tx, lambda _: side_lr, None)}
 
     # -- schedule ------------------------------------------------------------------------------
