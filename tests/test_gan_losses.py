@@ -15,6 +15,7 @@ from titok_jax.gan.convnext import load_torchvision_convnext
 from titok_jax.gan.discriminator import (
     NLayerDiscriminator,
     adaptive_max_pool,
+    blur_downsample,
     export_discriminator,
     import_discriminator,
     load_discriminator,
@@ -242,6 +243,23 @@ def test_adaptive_max_pool_matches_torch():
         want = torch.nn.functional.adaptive_max_pool2d(
             torch.from_numpy(x.transpose(0, 3, 1, 2)), (16, 16)).numpy()
         np.testing.assert_array_equal(_nchw(adaptive_max_pool(jnp.asarray(x), 16)), want)
+
+
+def test_blur_downsample_is_the_depthwise_strided_convolution():
+    """The separable strided-slice blur equals the official depthwise conv (2-D normalised
+    binomial filter, stride 2, TF-SAME) for odd and even sizes and every filter size."""
+    rng = np.random.default_rng(0)
+    for ks, taps in ((3, (1, 2, 1)), (4, (1, 3, 3, 1)), (5, (1, 4, 6, 4, 1))):
+        k2 = np.outer(taps, taps).astype(np.float32)
+        k2 /= k2.sum()
+        for h, w in ((16, 16), (15, 17), (1, 1), (2, 3)):
+            x = jnp.asarray(rng.standard_normal((2, h, w, 3)), jnp.float32)
+            want = jax.lax.conv_general_dilated(
+                x, jnp.asarray(np.tile(k2[:, :, None, None], (1, 1, 1, 3))), (2, 2), "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3)
+            got = blur_downsample(x, ks)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=0, atol=5e-7)
 
 
 def test_antialiased_resize_matches_torch():

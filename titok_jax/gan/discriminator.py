@@ -36,15 +36,32 @@ DISCRIMINATOR_MAP = NameMap(
 
 
 def blur_downsample(x: jax.Array, kernel_size: int = 4) -> jax.Array:
-    """Depthwise normalised binomial blur with stride 2 and TF-SAME padding (``BlurBlock``)."""
+    """Depthwise normalised binomial blur with stride 2 and TF-SAME padding (``BlurBlock``).
+
+    The filter is the outer product of the normalised taps, so it runs as two 1-D passes, each
+    a weighted sum of strided slices: XLA:CPU's grouped convolution took 0.55 s forward and
+    4.5 s forward + backward on [8, 256, 256, 128], the slices 0.13 s and 0.27 s (the
+    discriminator's forward + backward at batch 8: 14.6 -> 7.5 s). Same filter, rounding of a
+    separable sum (|diff| <= 5e-7 on unit-normal input)."""
     taps = np.asarray(_BLUR_TAPS[kernel_size], np.float32)
-    k2 = np.outer(taps, taps)
-    k2 /= k2.sum()
-    channels = x.shape[-1]
-    kernel = jnp.asarray(np.tile(k2[:, :, None, None], (1, 1, 1, channels)), x.dtype)
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(2, 2), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    taps = taps / taps.sum()
+    return _strided_taps(_strided_taps(x, taps, axis=1), taps, axis=2)
+
+
+def _strided_taps(x: jax.Array, taps: np.ndarray, axis: int, stride: int = 2) -> jax.Array:
+    """``sum_j taps[j] * x_pad[stride * i + j]`` along ``axis`` with TF-SAME padding."""
+    n, k = x.shape[axis], len(taps)
+    out = -(-n // stride)
+    total = max((out - 1) * stride + k - n, 0)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (total // 2, total - total // 2)
+    padded = jnp.pad(x, pad)
+    acc = None
+    for j, t in enumerate(taps):
+        term = jax.lax.slice_in_dim(padded, j, j + stride * (out - 1) + 1, stride=stride,
+                                    axis=axis) * jnp.asarray(t, x.dtype)
+        acc = term if acc is None else acc + term
+    return acc
 
 
 def _bin_indices(size_in: int, size_out: int) -> np.ndarray:
