@@ -262,6 +262,22 @@ def test_blur_downsample_is_the_depthwise_strided_convolution():
             np.testing.assert_allclose(got, want, rtol=0, atol=5e-7)
 
 
+def test_convnext_depthwise_conv_is_the_grouped_convolution():
+    """ConvNeXt's depthwise 7x7 as shifted products: nn.Conv's parameters and init, its output."""
+    import flax.linen as nn
+
+    from titok_jax.gan.convnext import DepthwiseConv
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 11, 8))
+    ours, grouped = DepthwiseConv(8, 7), nn.Conv(8, (7, 7), padding=3, feature_group_count=8)
+    params = ours.init(jax.random.PRNGKey(1), x)
+    reference = grouped.init(jax.random.PRNGKey(1), x)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a non-zero bias too
+    np.testing.assert_allclose(ours.apply(params, x), grouped.apply(params, x), rtol=0,
+                               atol=2e-6)
+
+
 def test_antialiased_resize_matches_torch():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).random((2, 3, 256, 256), np.float32)

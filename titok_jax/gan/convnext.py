@@ -35,6 +35,40 @@ def _layer_norm(name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name=name)
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Stride-1 depthwise convolution, "same" size (odd ``k``): ``kernel`` is ``[k, k, 1, C]``
+    (``nn.Conv``'s layout with ``feature_group_count=C``), written as ``k * k`` shifted
+    products. XLA:CPU runs the grouped convolution 40x slower forward and 12x slower backward
+    than this on ConvNeXt-S's shapes (7x7 at [4, 56, 56, 96]: 52 ms and 106 ms against 1.3 ms
+    and 8.3 ms), with the same result in float32."""
+    k = kernel.shape[0]
+    p = k // 2
+    height, width = x.shape[1], x.shape[2]
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    acc = None
+    for dy in range(k):
+        rows = padded[:, dy:dy + height]
+        for dx in range(k):
+            term = rows[:, :, dx:dx + width] * kernel[dy, dx, 0]
+            acc = term if acc is None else acc + term
+    return acc + bias
+
+
+class DepthwiseConv(nn.Module):
+    """``nn.Conv(dim, (k, k), padding=k // 2, feature_group_count=dim)``: the same parameters
+    (``kernel [k, k, 1, dim]``, ``bias``) and initialisers, computed by :func:`depthwise_conv`."""
+
+    dim: int
+    kernel_size: int = 7
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (self.kernel_size, self.kernel_size, 1, self.dim))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.dim,))
+        return depthwise_conv(x, kernel.astype(x.dtype), bias.astype(x.dtype))
+
+
 class CNBlock(nn.Module):
     """Depthwise 7x7 conv -> LayerNorm -> Linear(4x) -> GELU -> Linear -> layer scale, residual."""
 
@@ -42,7 +76,7 @@ class CNBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Conv(self.dim, (7, 7), padding=3, feature_group_count=self.dim, name="block_0")(x)
+        h = DepthwiseConv(self.dim, 7, name="block_0")(x)
         h = _layer_norm("block_2")(h)
         h = nn.Dense(4 * self.dim, name="block_3")(h)
         h = nn.gelu(h, approximate=False)
