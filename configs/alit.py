@@ -28,8 +28,9 @@ data (ImageNet-1k: 13345; the official ImageNet-100: ~1320); total and warm-up s
 """
 import ml_collections
 
-from titok_jax import variants
-from titok_jax.config_arg import add_run_fields, parse_arg
+from titok_jax.infra.config import parse_arg
+from titok_jax.models import variants
+from titok_jax.train.defaults import add_run_fields
 
 
 def get_config(arg: str | None = None):

@@ -26,9 +26,10 @@ they are sampled (the official settings of the variant).
 """
 import ml_collections
 
-from titok_jax import variants
-from titok_jax.config_arg import add_run_fields, parse_arg
 from titok_jax.data import embedded
+from titok_jax.infra.config import parse_arg
+from titok_jax.models import variants
+from titok_jax.train.defaults import add_run_fields
 
 GENERATORS = {"L-32": "titok_l32", "B-64": "titok_b64", "S-128": "titok_s128"}
 

@@ -6,8 +6,8 @@ Arguments:
 """
 import ml_collections
 
-from titok_jax import variants
-from titok_jax.config_arg import parse_arg
+from titok_jax.infra.config import parse_arg
+from titok_jax.models import variants
 
 
 def get_config(arg: str | None = None):

@@ -42,8 +42,9 @@ ConvNeXt-S perceptual losses need torchvision's ``convnext_small`` IMAGENET1K_V1
 """
 import ml_collections
 
-from titok_jax import variants
-from titok_jax.config_arg import add_run_fields, parse_arg
+from titok_jax.infra.config import parse_arg
+from titok_jax.models import variants
+from titok_jax.train.defaults import add_run_fields
 
 
 def get_config(arg: str | None = None):

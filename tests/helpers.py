@@ -41,7 +41,7 @@ class Fixture:
 
 def fixture_model_config(fx: Fixture):
     """The titok-jax ``config.model`` of a fixture, read from the manifest's build record."""
-    from titok_jax import variants
+    from titok_jax.models import variants
     b = fx.manifest["build"]
     if fx.name.startswith("maskgit_vqgan"):
         return variants.vqgan_model_config("tiny")
@@ -60,8 +60,8 @@ def fixture_model_config(fx: Fixture):
 def load_config(arg: str, *overrides: str):
     """``configs/<file>.py:<arg>`` with ``key=value`` overrides, e.g.
     ``load_config("titok.py:runlocal", "total_steps=4")``."""
-    from titok_jax.config_arg import apply_overrides
-    from titok_jax.config_arg import load_config as load
+    from titok_jax.infra.config import apply_overrides
+    from titok_jax.infra.config import load_config as load
     config = load(os.path.join(CONFIGS, arg))
     apply_overrides(config, list(overrides))
     return config
@@ -278,7 +278,7 @@ def preempt_at(monkeypatch, call: int) -> None:
     its ``call``-th step): the loop saves a checkpoint and stops."""
     import signal
 
-    from titok_jax import checkpointing
+    from titok_jax.infra import checkpointing
     original, calls = checkpointing.PreemptionFlag.should_stop, []
 
     def should_stop(self):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import titok_jax
-from titok_jax import variants
 from titok_jax.convert import official
 from titok_jax.convert.layout import CheckpointMismatchError
+from titok_jax.models import variants
 from titok_jax.models.alit import stage1_loss
 
 from helpers import DATA
@@ -293,7 +293,7 @@ def test_official_sizes_parameter_counts():
 
 
 def test_cli_tokenize_adaptive_and_reconstruct(tmp_path, inputs):
-    from titok_jax.cli import main
+    from titok_jax.cli.main import main
     from titok_jax.data.images import save_png
     photos = tmp_path / "photos"
     for i, img in enumerate(inputs):
@@ -365,7 +365,7 @@ def test_alit_eval_report_and_plots(alit, inputs, manifest, tmp_path):
 
 
 def test_cli_alit_eval_on_embedded_split(data_dir, tmp_path):
-    from titok_jax.cli import main
+    from titok_jax.cli.main import main
     out = tmp_path / "eval"
     assert main(["alit-eval", "--model", "alit_fixture_tiny", "--weights", WEIGHTS,
                  "--split", "validation[:3]", "--data-dir", data_dir, "--batch-size", "2",
@@ -418,7 +418,7 @@ def test_bernoulli_halting_api_matches_module_and_compaction(alit, inputs):
 
 def test_titok_jax_eval_runs_on_alit(alit, data_dir, tmp_path):
     """The shared evaluators (sharded over the 8 test devices) at a chosen ALIT iteration."""
-    from titok_jax.cli import main
+    from titok_jax.cli.main import main
     folder = tmp_path / "alit"
     alit.save(folder)
     out = tmp_path / "eval.json"

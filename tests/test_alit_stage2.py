@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from titok_jax import checkpointing, sharding
 from titok_jax.convert.official import export_official, write_safetensors
 from titok_jax.data import pipeline as data_lib
 from titok_jax.gan import patchgan
+from titok_jax.infra import checkpointing, sharding
 from titok_jax.train import loop
 from titok_jax.train import tasks as tasks_lib
 
@@ -134,7 +134,7 @@ def test_resume_through_the_checkpointer_is_bitwise(run, tmp_path):
         ckpt.close()
     assert step == 3
     # titok-jax eval reads the workdir: the whole EMA tree, the trained VQGAN included.
-    from titok_jax.evals.checkpoints import Checkpoint
+    from titok_jax.inference.weights import Checkpoint
     source = Checkpoint(str(tmp_path))
     params = source.params(source.config(config.copy_and_resolve_references()))
     read = {**params["model"], **params["frozen"]}

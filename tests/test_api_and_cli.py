@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import titok_jax
-from titok_jax import cli
+from titok_jax.cli import main as cli
 
 from helpers import DATA, fixture_model_config
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from titok_jax import variants
-from titok_jax.config_arg import parse_arg
 from titok_jax.convert.official import TITOK_MAP, VQGAN_MAP
+from titok_jax.infra.config import parse_arg
+from titok_jax.models import variants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))

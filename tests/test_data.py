@@ -125,7 +125,7 @@ def test_embedded_prepare_leaves_home_and_imagenet_untouched(tmp_path):
     before = _tree(home)
     env = {k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"}
     env.update(HOME=str(home), TITOK_JAX_CACHE=str(cache))
-    script = ("import sys; from titok_jax.config_arg import load_config; "
+    script = ("import sys; from titok_jax.infra.config import load_config; "
               "from titok_jax.data.pipeline import resolve_data_dir; "
               "data = load_config(sys.argv[1]).data; "
               "print(data.dataset, resolve_data_dir(data))")

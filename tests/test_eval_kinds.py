@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import titok_jax
-from titok_jax.cli import main
+from titok_jax.cli.main import main
 
 from helpers import (
     CONFIGS,
@@ -155,8 +155,10 @@ def test_training_workdir_uses_stored_config_and_ema(kind, file_results, weights
     the EMA params of group "tokenizer" are evaluated, the frozen VQGAN (stage-1 teacher, ALIT
     base tokenizer, neither in the train state) comes from the stored teacher.weights. It equals
     the evaluation of the same weights as an official file."""
-    from titok_jax import checkpointing, predict, variants
     from titok_jax.convert import official
+    from titok_jax.inference import predict as predict
+    from titok_jax.infra import checkpointing
+    from titok_jax.models import variants
     teacher = VQGAN if kind == "stage1" else weights["alit"]
     config = load_config(KINDS[kind][1], f"teacher.weights={teacher}",
                          *[f[len("--config."):] for f in model_flags(kind)

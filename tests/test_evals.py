@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from titok_jax import sharding, variants
-from titok_jax.cache import cache_dir
 from titok_jax.convert import native, torchscript
 from titok_jax.data.embedded import DATASET_NAME, class_names
-from titok_jax.data.samples import sample_photos
+from titok_jax.data.photos import sample_photos
 from titok_jax.evals import fid as fid_lib
 from titok_jax.evals import inception_weights, linear_probe, metrics, runner
+from titok_jax.infra import sharding
+from titok_jax.infra.cache import cache_dir
+from titok_jax.models import variants
+from titok_jax.models.lpips import lpips_vgg
 
 from helpers import embedded_data_flags
 
@@ -217,7 +219,7 @@ def _lpips_package_heads(cache: str) -> dict:
 
 
 def test_lpips_heads_match_lpips_package_and_distance_behaves():
-    module, params = metrics.lpips_vgg()
+    module, params = lpips_vgg()
     heads = _lpips_package_heads(cache_dir())
     for i in range(5):
         ours = np.asarray(params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"])[0, 0, :, 0]
@@ -284,8 +286,8 @@ def _tiny_vq_folder(tmp_path) -> str:
 def test_cli_eval_all_evaluators_and_sharding_matches_one_device(data_dir, tmp_path):
     """``titok-jax eval`` runs every evaluator over the 8 forced devices; the same evaluation on
     one device gives the same numbers."""
-    from titok_jax.cli import main
-    from titok_jax.config_arg import apply_overrides, load_config
+    from titok_jax.cli.main import main
+    from titok_jax.infra.config import apply_overrides, load_config
     folder = _tiny_vq_folder(tmp_path)
     out = tmp_path / "results.json"
     argv = ["eval", "--config", f"{CONFIG}:variant=tiny-pixel", "--checkpoint", folder,

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from titok_jax import sharding
 from titok_jax.convert.official import export_official, read_state_dict, write_safetensors
 from titok_jax.data import pipeline as data_lib
+from titok_jax.infra import sharding
 from titok_jax.train import loop
 from titok_jax.train import tasks as tasks_lib
 
@@ -113,7 +113,7 @@ def stage1_file(tmp_path_factory):
     fixture weights it is paired with."""
     import jax.numpy as jnp
 
-    from titok_jax import variants
+    from titok_jax.models import variants
     cfg = load_config("titok.py:runlocal,stage=1").model
     model = variants.build_model(cfg)
     params = jax.jit(model.init)(jax.random.PRNGKey(7), jnp.zeros((1, 256, 256, 3)))["params"]

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 import titok_jax
-from titok_jax import checkpointing
+from titok_jax.infra import checkpointing
 
 from helpers import ROOT
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import titok_jax
-from titok_jax import variants
 from titok_jax.convert import official
 from titok_jax.convert.layout import CheckpointMismatchError
+from titok_jax.models import variants
 
 from helpers import DATA
 

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 import titok_jax
-from titok_jax import sharding
 from titok_jax.convert import native
 from titok_jax.convert.official import export_official, write_safetensors
 from titok_jax.data import pipeline as data_lib
-from titok_jax.losses import MaskDraws, mlm_inputs, mlm_loss
+from titok_jax.infra import sharding
 from titok_jax.train import loop
 from titok_jax.train import tasks as tasks_lib
+from titok_jax.train.losses import MaskDraws, mlm_inputs, mlm_loss
 
 from helpers import DATA, load_config, preempt_at, runlocal, scalars
 
@@ -200,10 +200,10 @@ def test_gfid_evaluates_the_samples_of_the_generator(data_dir):
     """The gfid evaluator: sample i of class i % classes from fold_in(key(gfid_seed), chunk),
     decoded, cast to uint8 by truncation, against the eval split's statistics -- checked
     against the same FID computed through the public Generator / Tokenizer API."""
-    from titok_jax.api import Tokenizer
     from titok_jax.evals import fid as fid_lib
     from titok_jax.evals import runner as eval_lib
-    from titok_jax.generator import Generator
+    from titok_jax.inference.generator import Generator
+    from titok_jax.inference.tokenizer import Tokenizer
     config = runlocal(data_dir, "eval.gfid_num_samples=10", "eval.batch_size=8",
                       "data.eval_split=validation[:12]", arg=ARG)
     task = tasks_lib.get(config)
@@ -236,10 +236,10 @@ def test_gfid_evaluates_the_samples_of_the_generator(data_dir):
 def test_trains_on_pretokenized_data(data_dir, tmp_path):
     """config.data.tokens: batches of a pretokenize output with the (seed, step) order, the
     step trains on them, and a dataset made by another tokenizer is refused."""
-    from titok_jax.api import Tokenizer
     from titok_jax.data import tokens as tokens_lib
     from titok_jax.data.embedded import DATASET_NAME
     from titok_jax.data.pipeline import EpochShuffle
+    from titok_jax.inference.tokenizer import Tokenizer
     config = runlocal(data_dir, arg=ARG)
     params = tasks_lib.get(config).frozen()["tokenizer"]
     out = str(tmp_path / "tokens")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import titok_jax
-from titok_jax.losses import stage1_loss
+from titok_jax.train.losses import stage1_loss
 
 from helpers import DATA, fixture_model_config
 

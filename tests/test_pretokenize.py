@@ -11,11 +11,14 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from titok_jax import api, pretokenize, variants
+from titok_jax.cli import pretokenize
 from titok_jax.data import tokens
 from titok_jax.data.embedded import DATASET_NAME
 from titok_jax.data.pipeline import EpochShuffle, decode_rgb
 from titok_jax.data.tokens import TokenDataset, TokenTrainPipeline, tokenizer_fingerprint
+from titok_jax.inference import tokenizer as api
+from titok_jax.jobs import pretokenize as pretokenize_job
+from titok_jax.models import variants
 
 center_crop_arr, ten_crop, views = tokens.center_crop_arr, tokens.ten_crop, tokens.views
 
@@ -42,7 +45,7 @@ def _run(tok, data_dir, out, **kwargs):
     kwargs = {"split": SPLIT, "batch_size": 4, "shard_size": SHARD, "weights": "tiny.safetensors",
               **kwargs}
     split = kwargs.pop("split")
-    return tokens.pretokenize(tok, DATASET_NAME, data_dir, split, out, **kwargs)
+    return pretokenize_job.pretokenize(tok, DATASET_NAME, data_dir, split, out, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +161,7 @@ def test_undecodable_images_are_skipped_logged_and_counted(tok, tmp_path, caplog
                                                           "_bad_garbage.JPEG"))]
     assert len(bad) == 2
     with caplog.at_level("WARNING", logger="titok_jax.data.tokens"):
-        out = tokens.pretokenize(tok, builder, None, "train", str(tmp_path / "out"),
+        out = pretokenize_job.pretokenize(tok, builder, None, "train", str(tmp_path / "out"),
                                  batch_size=4, shard_size=5)
     meta = TokenDataset(out).meta
     assert meta["num_skipped"] == 2 and meta["num_records"] == 2 * (len(names) - 2)
@@ -189,7 +192,7 @@ def test_resume_after_a_kill(tok, data_dir, reference, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         calls.append(name)
         write(out_path, name, *args)
-    monkeypatch.setattr(tokens, "_write_shard", killed_after_one)
+    monkeypatch.setattr(pretokenize_job, "_write_shard", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         _run(tok, data_dir, out)
     with pytest.raises(ValueError, match="unfinished.*same arguments"):
@@ -201,7 +204,7 @@ def test_resume_after_a_kill(tok, data_dir, reference, tmp_path, monkeypatch):
         calls.append(name)
         write(out_path, name, *args)
     calls.clear()
-    monkeypatch.setattr(tokens, "_write_shard", counted)
+    monkeypatch.setattr(pretokenize_job, "_write_shard", counted)
     _run(tok, data_dir, out, batch_size=3)
     assert calls == ["shard-00001-of-00003", "shard-00002-of-00003"]
     assert os.stat(first).st_mtime_ns == mtime
@@ -213,7 +216,7 @@ def test_resume_after_a_kill(tok, data_dir, reference, tmp_path, monkeypatch):
 
 def test_another_tokenizer_or_mode_is_refused_before_any_work(tok, data_dir, reference,
                                                               monkeypatch):
-    monkeypatch.setattr(tokens, "_write_shard", None)  # any shard write would fail
+    monkeypatch.setattr(pretokenize_job, "_write_shard", None)  # any shard write would fail
     before = {f: os.stat(os.path.join(reference, f)).st_mtime_ns for f in os.listdir(reference)}
     other = _tiny_tokenizer(1)
     with pytest.raises(ValueError, match="another pre-tokenized dataset.*\n.*tokenizer."
@@ -319,7 +322,7 @@ def test_two_processes_match_one(tok, data_dir, reference, tmp_path):
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    cmd = [sys.executable, "-m", "titok_jax.pretokenize", "--weights", folder, "--dataset",
+    cmd = [sys.executable, "-m", "titok_jax.cli.pretokenize", "--weights", folder, "--dataset",
            DATASET_NAME, "--data-dir", data_dir, "--split", SPLIT, "--out", out,
            "--batch-size", "3", "--shard-size", str(SHARD), "--coordinator",
            f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]

@@ -1,8 +1,8 @@
-"""``titok-jax sample`` (titok_jax.synthesis) on a tiny random generator and tokenizer saved as
-titok-jax folders: the ADM ``.npz`` layout and labels, images equal to ``Generator.sample`` +
-``decode_tokens`` + the official truncating uint8 cast, the same samples on 1 device as on 8 and
-on 2 hosts (simulated, and 2 real processes) as on 1, resume after an interruption, refusal of a
-changed rerun and of bad input before any sampling, gs:// output."""
+"""``titok-jax sample`` (titok_jax.cli.sample, titok_jax.jobs.generate) on a tiny random generator
+and tokenizer saved as titok-jax folders: the ADM ``.npz`` layout and labels, images equal to
+``Generator.sample`` + ``decode_tokens`` + the official truncating uint8 cast, the same samples on
+1 device as on 8 and on 2 hosts (simulated, and 2 real processes) as on 1, resume after an
+interruption, refusal of a changed rerun and of bad input before any sampling, gs:// output."""
 import io
 import json
 import os
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 import titok_jax
-from titok_jax import synthesis, variants
-from titok_jax.api import Tokenizer
+from titok_jax.cli import sample as sample_cli
 from titok_jax.evals import fid as fid_lib
+from titok_jax.inference.tokenizer import Tokenizer
+from titok_jax.jobs import generate as synthesis
+from titok_jax.models import variants
 
 from helpers import free_port
 
@@ -73,7 +75,7 @@ def baseline(models, tmp_path_factory):
     """The CLI's samples on the 8 local devices: (the .npz path, its arrays)."""
     root = tmp_path_factory.mktemp("baseline")
     out = root / "samples.npz"
-    assert synthesis.main(_cli_args(models, out, "--grid", str(root / "grid.png"))) == 0
+    assert sample_cli.main(_cli_args(models, out, "--grid", str(root / "grid.png"))) == 0
     with np.load(out) as npz:
         return out, {k: npz[k] for k in npz.files}
 
@@ -134,7 +136,7 @@ def test_two_processes_match_one(models, baseline, tmp_path):
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     coordinator = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "titok_jax.synthesis", *_cli_args(models, tmp_path / "s.npz"),
+        [sys.executable, "-m", "titok_jax.cli.sample", *_cli_args(models, tmp_path / "s.npz"),
          "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
@@ -180,7 +182,7 @@ def test_resume_after_interruption(baseline, one_device, tmp_path, monkeypatch):
 def test_changed_rerun_and_foreign_outputs_are_refused(models, baseline, tmp_path, capsys):
     out, _ = baseline
     before = {p: os.path.getmtime(p) for p in [out, *synthesis.parts_dir(out).iterdir()]}
-    assert synthesis.main(_cli_args(models, out, "--seed", "4", "--guidance-scale", "2")) == 2
+    assert sample_cli.main(_cli_args(models, out, "--seed", "4", "--guidance-scale", "2")) == 2
     err = capsys.readouterr().err
     assert "holds samples of a different run" in err
     assert "seed: 3 -> 4" in err and "settings.guidance_scale: 4.5 -> 2.0" in err
@@ -191,7 +193,7 @@ def test_changed_rerun_and_foreign_outputs_are_refused(models, baseline, tmp_pat
     (tmp_path / "busy.npz.parts" / "notes.txt").write_text("not ours")
     for name, message in (("taken.npz", "run.json does not: not overwriting"),
                           ("busy.npz", "holds files but no run.json")):
-        assert synthesis.main(_cli_args(models, tmp_path / name)) == 2
+        assert sample_cli.main(_cli_args(models, tmp_path / name)) == 2
         assert message in capsys.readouterr().err
     assert (tmp_path / "taken.npz").read_bytes() == b"not ours"
     assert sorted(os.listdir(tmp_path)) == ["busy.npz.parts", "taken.npz"]
@@ -215,7 +217,7 @@ def test_bad_input_is_refused_before_sampling(models, tmp_path, capsys, monkeypa
         (["--tokenizer-weights", str(tmp_path / "missing")], "--tokenizer is needed"),
     ]
     for extra, message in cases:
-        assert synthesis.main(_cli_args(models, tmp_path / "s.npz", *extra)) == 2, extra
+        assert sample_cli.main(_cli_args(models, tmp_path / "s.npz", *extra)) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("error: ") and re.search(message, err), (extra, err)
     assert os.listdir(tmp_path) == []

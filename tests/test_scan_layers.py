@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import titok_jax
-from titok_jax import variants
 from titok_jax.convert import official
 from titok_jax.convert.layout import to_layout, unstack_layers
+from titok_jax.infra.sharding import make_mesh, tree_specs
+from titok_jax.models import variants
 from titok_jax.models.vit import LayerStack
-from titok_jax.sharding import make_mesh, tree_specs
 from titok_jax.train.state import decay_mask, has_scanned_layers
 
 from helpers import DATA, fixture_model_config
@@ -103,7 +103,7 @@ def test_layout_conversion_decay_mask_and_fsdp_specs():
     _leaves_equal(unstack_layers(stacked, ("transformer",)), p_unrolled)
     _leaves_equal(to_layout(stacked, p_unrolled), p_unrolled)
     # The trainer's init draws the unrolled values whatever the layout.
-    from titok_jax.train.tasks.base import init_unrolled
+    from titok_jax.convert.layout import init_unrolled
     _leaves_equal(jax.jit(lambda r: init_unrolled(scanned, r, x))(rng), stacked)
     # Weight decay: the same decision for each block as for its unrolled twin.
     name_map = official.name_map_for(cfg)
@@ -211,7 +211,7 @@ def test_generators_scanned_match_official_fixture(fixture, name, tmp_path):
     state, exported = official.read_state_dict(fx.weights()), official.read_state_dict(out)
     for k in exported:
         np.testing.assert_array_equal(exported[k], state[k], k)
-    from titok_jax.train.tasks.base import init_unrolled
+    from titok_jax.convert.layout import init_unrolled
     module = variants.build_generator(cfg)
     ids = jnp.zeros((1, cfg["num_tokens"]), jnp.int32)
     rng, cond = jax.random.PRNGKey(3), jnp.zeros((1,), jnp.int32)

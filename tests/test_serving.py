@@ -1,7 +1,8 @@
-"""``titok-jax serve-export`` (titok_jax.serving): tiny random TiTok VQ and VAE tokenizers, a
-MaskGIT generator and an ALIT model exported, then run by the folder's own ``serve.py`` in a
-child process where titok_jax cannot be imported (``python -S`` with only site-packages on the
-path: the editable install's ``.pth`` hook is not read), at batch 1 and 3, against the Python API.
+"""``titok-jax serve-export`` (titok_jax.cli.serve_export, titok_jax.jobs.export): tiny random
+TiTok VQ and VAE tokenizers, a MaskGIT generator and an ALIT model exported, then run by the
+folder's own ``serve.py`` in a child process where titok_jax cannot be imported (``python -S`` with
+only site-packages on the path: the editable install's ``.pth`` hook is not read), at batch 1 and
+3, against the Python API.
 Also: a multi-platform (cpu, cuda, tpu) export, refusal of a non-empty folder, unknown platforms,
 a stage-1 model without its VQGAN, and the command line."""
 import json
@@ -15,9 +16,12 @@ import numpy as np
 import pytest
 
 import titok_jax
-from titok_jax import sampling, serving, variants
-from titok_jax.api import Tokenizer
-from titok_jax.generator import Generator
+from titok_jax.cli import serve_export as serve_cli
+from titok_jax.inference import sampling as sampling
+from titok_jax.inference.generator import Generator
+from titok_jax.inference.tokenizer import Tokenizer
+from titok_jax.jobs import export as serving
+from titok_jax.models import variants
 
 ALIT_COUNTS = (4, 8)  # alit_runlocal: 4 tokens per iteration, up to 32
 
@@ -275,7 +279,7 @@ def test_saved_model(models, served, tmp_path):
 def test_cli(models, tmp_path, capsys):
     models["vq"].save(tmp_path / "tok")
     out = tmp_path / "served"
-    assert serving.main(["--weights", str(tmp_path / "tok"), "--out", str(out),
+    assert serve_cli.main(["--weights", str(tmp_path / "tok"), "--out", str(out),
                          "--platforms", "cpu,tpu"]) == 0
     sig = json.loads((out / "signature.json").read_text())
     assert sig["platforms"] == ["cpu", "tpu"] and sorted(sig["functions"]) == [
@@ -283,5 +287,5 @@ def test_cli(models, tmp_path, capsys):
     for args, error in ([("--weights", str(tmp_path / "tok")), "not overwriting"],
                         [(), "exactly one of --weights"]):
         with pytest.raises(SystemExit, match="2"):
-            serving.main([*args, "--out", str(out)])
+            serve_cli.main([*args, "--out", str(out)])
         assert error in capsys.readouterr().err

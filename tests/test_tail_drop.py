@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from titok_jax import api, sharding, variants
 from titok_jax.convert import native
 from titok_jax.data import pipeline as data_lib
+from titok_jax.inference import tokenizer as api
+from titok_jax.infra import sharding
+from titok_jax.models import variants
 from titok_jax.train import loop
 from titok_jax.train.tasks.titok import tail_drop_choices, tail_drop_lengths
 
@@ -123,7 +125,7 @@ def test_training_step_with_tail_drop(data_dir, arg):
 def test_cli_tokens_and_eval_token_counts(vq, data_dir, tmp_path):
     """``tokenize``/``reconstruct --tokens k`` on a TiTok; ``eval --token-counts`` writes the
     per-count JSON and the plot, and a second result file overlays."""
-    from titok_jax.cli import main
+    from titok_jax.cli.main import main
     from titok_jax.evals import curves
     folder = str(tmp_path / "tok")
     native.save_native(folder, vq.config, jax.device_get(vq.params))

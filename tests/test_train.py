@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from titok_jax import checkpointing, sharding
 from titok_jax.convert.official import export_official
 from titok_jax.data import pipeline as data_lib
+from titok_jax.infra import checkpointing, sharding
 from titok_jax.train import loop
 
 from helpers import (
@@ -99,7 +99,7 @@ def test_stage1_recipe_matches_three_official_steps(inputs):
 
 def _stage1_grads(model, state, images, proxy_codes):
     """Gradient of the stage-1 loss at the state's params (to report AdamW outliers)."""
-    from titok_jax.losses import stage1_loss
+    from titok_jax.train.losses import stage1_loss
 
     def loss(p):
         out = model.apply({"params": p}, images)

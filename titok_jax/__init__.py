@@ -7,10 +7,17 @@ import os
 # EPATH_USE_TF=1 before importing titok_jax to choose TensorFlow's client instead.
 os.environ.setdefault("EPATH_USE_TF", "0")
 
-from titok_jax.alit import ALITTokenizer, load_alit
-from titok_jax.api import VQGAN, Tokenizer, check_images, export_pytorch, load_tokenizer, load_vqgan
 from titok_jax.convert.layout import CheckpointMismatchError
-from titok_jax.generator import load_generator
+from titok_jax.inference.alit import ALITTokenizer, load_alit
+from titok_jax.inference.generator import load_generator
+from titok_jax.inference.tokenizer import (
+           VQGAN,
+           Tokenizer,
+           check_images,
+           export_pytorch,
+           load_tokenizer,
+           load_vqgan,
+)
 
 __all__ = ["ALITTokenizer", "CheckpointMismatchError", "Tokenizer", "VQGAN", "check_images",
            "export_pytorch", "load_alit", "load_generator", "load_tokenizer", "load_vqgan"]

@@ -252,3 +252,13 @@ def check_params(params: Mapping, abstract_params: Mapping, model: str) -> dict:
         raise CheckpointMismatchError(model, missing, unexpected, misshaped)
     return traverse_util.unflatten_dict(
         {k: np.asarray(v).astype(want[k].dtype) for k, v in got.items()}, sep="/")
+
+
+def init_unrolled(model, rng: jax.Array, *args) -> dict:
+    """``model.init(rng, *args)["params"]`` drawn as the unrolled model draws them, then put in
+    the model's layer layout: ``scan_layers`` changes how blocks are stored and run, never the
+    initial values (a scanned and an unrolled run start from the same weights)."""
+    if not getattr(model, "scan_layers", False):
+        return model.init(rng, *args)["params"]
+    like = jax.eval_shape(model.init, rng, *args)["params"]
+    return to_layout(model.clone(scan_layers=False).init(rng, *args)["params"], like)

@@ -37,8 +37,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from titok_jax import cache
-from titok_jax.data.samples import SKIMAGE_PHOTOS, skimage_photos
+from titok_jax.data.photos import SKIMAGE_PHOTOS, skimage_photos
+from titok_jax.infra import cache
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def builder(data_dir: str, **settings: Any) -> tfds.core.DatasetBuilder:
 
 def prepare_embedded(data_dir: str | None = None, **settings: Any) -> str:
     """Prepares the embedded dataset (these settings) in ``data_dir``, by default the project
-    cache (:func:`titok_jax.cache.tfds_dir`), offline; returns the data dir. Idempotent: data
+    cache (:func:`titok_jax.infra.cache.tfds_dir`), offline; returns the data dir. Idempotent: data
     already prepared with the same settings is reused, other settings go elsewhere."""
     data_dir = data_dir or cache.tfds_dir()
     if "://" in data_dir:

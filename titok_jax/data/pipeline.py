@@ -55,7 +55,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from titok_jax import cache
 from titok_jax.data import embedded
 from titok_jax.data.images import (
     BadImageError,
@@ -64,6 +63,7 @@ from titok_jax.data.images import (
     to_rgb,
     to_unit_float,
 )
+from titok_jax.infra import cache
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +531,7 @@ def resolve_data_dir(data_config) -> str:
 
     With ``data_config.embedded`` the dataset must be the embedded one
     (:data:`~titok_jax.data.embedded.DATASET_NAME`): it is prepared (idempotent, offline) in
-    ``data_dir``, by default the project cache (:func:`titok_jax.cache.tfds_dir`). Any other
+    ``data_dir``, by default the project cache (:func:`titok_jax.infra.cache.tfds_dir`). Any other
     dataset is only read, never written: from ``data_dir``, by default ``$TFDS_DATA_DIR`` or
     ``~/tensorflow_datasets`` (the project cache for the embedded dataset)."""
     dataset, data_dir = data_config.dataset, data_config.data_dir

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.checkpointing import as_path
+from titok_jax.infra.paths import as_path
 
 
 def _psnr_uint8(recon: jax.Array, images: jax.Array) -> jax.Array:

@@ -23,10 +23,10 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from titok_jax import predict
-from titok_jax.checkpointing import as_path
 from titok_jax.evals import alit as alit_eval
 from titok_jax.evals import runner
+from titok_jax.inference import predict
+from titok_jax.infra.paths import as_path
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def evaluate(config: ml_collections.ConfigDict, params: Any, data_dir: str,
 def _alit_adaptive(config, params, data_dir: str, split: str,
                    thresholds: Sequence[float]) -> dict[str, dict[str, float]]:
     """Per threshold, the per-image adaptive rule's mean token count, L1 and PSNR."""
-    from titok_jax.alit import ALITTokenizer
+    from titok_jax.inference.alit import ALITTokenizer
     full = predict.merge_frozen(config.model, jax.device_get(params["model"]),
                                 jax.device_get(params["frozen"]))
     alit = ALITTokenizer(config.model, full)

@@ -8,6 +8,7 @@ runs its own passes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -16,17 +17,39 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from titok_jax.data import pipeline as data_lib
 from titok_jax.evals import fid as fid_lib
 from titok_jax.evals import metrics
+from titok_jax.models.lpips import lpips_vgg
 
 if TYPE_CHECKING:
-    from titok_jax.evals.runner import DataSpec
-    from titok_jax.predict import Predictor
+    from titok_jax.inference.predict import Predictor
 
 log = logging.getLogger(__name__)
 
 Results = Iterator[tuple[str, float]]
 EVALUATORS: dict[str, type] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where the eval data comes from: a TFDS dataset in ``data_dir``."""
+
+    dataset: str
+    data_dir: str
+    split: str
+    batch_size: int  # global
+    num_threads: int = 8
+
+    def pipeline(self, split: str | None = None, image_size: int = 256) -> data_lib.EvalPipeline:
+        count = jax.process_count()
+        if self.batch_size % count:
+            raise ValueError(f"eval batch size {self.batch_size} is not divisible by the "
+                             f"{count} hosts")
+        return data_lib.EvalPipeline(self.dataset, data_dir=self.data_dir,
+                                     split=split or self.split,
+                                     per_host_batch=self.batch_size // count,
+                                     image_size=image_size, num_threads=self.num_threads)
 
 
 def register(name: str):
@@ -70,7 +93,7 @@ class StandaloneEvaluator:
     def __init__(self, settings: ml_collections.ConfigDict, predictor: "Predictor"):
         self.settings, self.predictor = settings, predictor
 
-    def run(self, params: Any, mesh: jax.sharding.Mesh, data: "DataSpec",
+    def run(self, params: Any, mesh: jax.sharding.Mesh, data: DataSpec,
             progress: bool) -> Results:
         raise NotImplementedError
 
@@ -114,7 +137,7 @@ class LPIPS(_MeanOfExamples):
 
     def __init__(self, settings, predictor):
         super().__init__(settings, predictor)
-        self.module, self.params = metrics.lpips_vgg()
+        self.module, self.params = lpips_vgg()
 
     def outputs(self, params, batch):
         def to_pm1(x):
@@ -186,7 +209,7 @@ class RFID(PassEvaluator):
 
     def results(self):
         if self.reference:
-            from titok_jax import sharding
+            from titok_jax.infra import sharding
             runner = fid_lib.InceptionRunner(self.module, self.params, sharding.make_mesh(),
                                              self.settings.batch_size)
             mu, sigma = fid_lib.load_reference(self.reference, runner)

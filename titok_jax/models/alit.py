@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from titok_jax.models.maskgit_vqgan import MaskGITVQGAN, VQGANArch
 from titok_jax.models.quantizer import VectorQuantizer, l2_normalize
-from titok_jax.models.titok import PatchEmbed, ViTArch, _embedding
+from titok_jax.models.titok import PatchEmbed, ViTArch, embedding_param
 from titok_jax.models.vit import DENSE_INIT, LayerStack, layer_norm, transformer_blocks
 
 Dtype = Any
@@ -89,7 +89,8 @@ class LatentDecoder(nn.Module):
         if self.factorize:
             latents = nn.Dense(w, dtype=self.dtype, kernel_init=DENSE_INIT,
                                name="decoder_embed")(latents)
-        pos = _embedding(self, "latent_token_positional_embedding", (self.max_latent_tokens, w), w)
+        pos = embedding_param(self, "latent_token_positional_embedding",
+                              (self.max_latent_tokens, w), w)
         latents = latents + pos[:n].astype(latents.dtype)
         x = jnp.concatenate([queries.astype(latents.dtype), latents], axis=1)
         x = layer_norm("ln_pre", self.dtype)(x)
@@ -136,19 +137,19 @@ class ALIT(nn.Module):
                              f"z_channels {self.vqgan_arch.z_channels} (the patch embedding gets "
                              "the difference)")
         we, wd, n = self.encoder_arch.width, self.decoder_arch.width, self.tokens_per_iter
-        self.encoder_positional_embedding = _embedding(self, "encoder_positional_embedding",
+        self.encoder_positional_embedding = embedding_param(self, "encoder_positional_embedding",
                                                        (grid * grid + 1, we), we)
-        self.encoder_class_embedding = _embedding(self, "encoder_class_embedding", (1, we), we)
-        self.encoder_mask_token = _embedding(self, "encoder_mask_token", (1, 1, we), we)
-        self.decoder_positional_embedding = _embedding(self, "decoder_positional_embedding",
+        self.encoder_class_embedding = embedding_param(self, "encoder_class_embedding", (1, we), we)
+        self.encoder_mask_token = embedding_param(self, "encoder_mask_token", (1, 1, we), we)
+        self.decoder_positional_embedding = embedding_param(self, "decoder_positional_embedding",
                                                        (grid * grid + 1, wd), wd)
-        self.decoder_class_embedding = _embedding(self, "decoder_class_embedding", (1, wd), wd)
-        self.decoder_mask_token = _embedding(self, "decoder_mask_token", (1, 1, wd), wd)
-        self.latent_tokens = _embedding(self, "latent_tokens", (n, we), we)
-        self.latent_token_positional_embedding = _embedding(
+        self.decoder_class_embedding = embedding_param(self, "decoder_class_embedding", (1, wd), wd)
+        self.decoder_mask_token = embedding_param(self, "decoder_mask_token", (1, 1, wd), wd)
+        self.latent_tokens = embedding_param(self, "latent_tokens", (n, we), we)
+        self.latent_token_positional_embedding = embedding_param(
             self, "latent_token_positional_embedding", (n, we), we)
-        self.timestep_embedding = _embedding(self, "timestep_embedding", (self.max_iters, n, we),
-                                             we)
+        self.timestep_embedding = embedding_param(self, "timestep_embedding",
+                                                  (self.max_iters, n, we), we)
         self.encoder_ln_pre = layer_norm("encoder_ln_pre", self.dtype)
         self.encoder_ln_post = layer_norm("encoder_ln_post", self.dtype)
         self.encoder_ln_recursive = layer_norm("encoder_ln_recursive", self.dtype)

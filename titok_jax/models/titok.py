@@ -35,7 +35,7 @@ class ViTArch:
     mlp_ratio: float = 4.0
 
 
-def _embedding(module: nn.Module, name: str, shape: tuple[int, ...], width: int) -> jax.Array:
+def embedding_param(module: nn.Module, name: str, shape: tuple[int, ...], width: int) -> jax.Array:
     """Learned embeddings/tokens, initialised ``width**-0.5 * N(0, 1)`` as in the official code."""
     return module.param(name, nn.initializers.normal(stddev=width ** -0.5), shape, jnp.float32)
 
@@ -85,9 +85,9 @@ class TiTokEncoder(nn.Module):
         grid = self.image_size // self.patch_size
         x = PatchEmbed(w, self.patch_size, self.dtype, name="patch_embed")(images)
         b = x.shape[0]
-        cls = _embedding(self, "class_embedding", (1, w), w)
-        pos = _embedding(self, "positional_embedding", (grid * grid + 1, w), w)
-        latent_pos = _embedding(self, "latent_token_positional_embedding", (n, w), w)
+        cls = embedding_param(self, "class_embedding", (1, w), w)
+        pos = embedding_param(self, "positional_embedding", (grid * grid + 1, w), w)
+        latent_pos = embedding_param(self, "latent_token_positional_embedding", (n, w), w)
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, w)), x], axis=1)
         x = x + pos.astype(x.dtype)
         latents = jnp.broadcast_to((latent_tokens + latent_pos).astype(x.dtype), (b, n, w))
@@ -128,10 +128,10 @@ class TiTokDecoder(nn.Module):
         grid, p = self.image_size // self.patch_size, self.patch_size
         b, n, _ = z.shape
         x = nn.Dense(w, dtype=self.dtype, kernel_init=DENSE_INIT, name="decoder_embed")(z)
-        cls = _embedding(self, "class_embedding", (1, w), w)
-        pos = _embedding(self, "positional_embedding", (grid * grid + 1, w), w)
-        mask_token = _embedding(self, "mask_token", (1, 1, w), w)
-        latent_pos = _embedding(self, "latent_token_positional_embedding", (n_max, w), w)
+        cls = embedding_param(self, "class_embedding", (1, w), w)
+        pos = embedding_param(self, "positional_embedding", (grid * grid + 1, w), w)
+        mask_token = embedding_param(self, "mask_token", (1, 1, w), w)
+        latent_pos = embedding_param(self, "latent_token_positional_embedding", (n_max, w), w)
         masks = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, w)),
                                  jnp.broadcast_to(mask_token[0], (b, grid * grid, w))], axis=1)
         masks = (masks + pos).astype(x.dtype)
@@ -201,7 +201,7 @@ class TiTok(nn.Module):
             raise ValueError("finetune_decoder needs a legacy VQ model (proxy-code decoder head)")
         vae = self.quantize_mode == "vae"
         self.layer_stack = LayerStack(self.remat, self.remat_policy, self.scan_layers)
-        self.latent_tokens = _embedding(self, "latent_tokens",
+        self.latent_tokens = embedding_param(self, "latent_tokens",
                                         (self.num_latent_tokens, self.encoder_arch.width),
                                         self.encoder_arch.width)
         self.encoder = TiTokEncoder(

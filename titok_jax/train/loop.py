@@ -18,8 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from titok_jax import checkpointing, sharding
 from titok_jax.data import pipeline as data_lib
+from titok_jax.infra import checkpointing, paths, sharding
 from titok_jax.train import tasks as tasks_lib
 from titok_jax.train.state import TrainState, init_state
 from titok_jax.train.tasks.base import Task
@@ -56,7 +56,7 @@ def build_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
     # Softmax differentiated by its custom JVP (from its output alone) instead of through
     # exp / sum / divide, which kept about three [B, heads, T, T] float32 buffers per attention
     # layer alive for the backward: -3.8 GiB at the peak of the L-32 stage-1 step at batch 8
-    # (launch/bench_memory.py). The same function, a different gradient formula.
+    # (benchmarks/memory.py). The same function, a different gradient formula.
     jax.config.update("jax_softmax_custom_jvp", True)
     if config.global_batch % mesh.size:
         raise ValueError(f"global_batch {config.global_batch} is not divisible by the "
@@ -109,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains ``config.task`` in ``workdir`` (resuming from its checkpoints); returns the state."""
     from clu import metric_writers, parameter_overview, periodic_actions
 
-    workdir = checkpointing.as_path(workdir)
+    workdir = paths.as_path(workdir)
     is_main = jax.process_index() == 0
     if config.progress_bar:  # the bar shows progress and loss; keep Orbax's INFO lines out of it
         logging.getLogger("absl").setLevel(logging.WARNING)

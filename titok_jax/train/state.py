@@ -156,7 +156,7 @@ def adamw_for(learning_rate: optax.ScalarOrSchedule, b1: float, b2: float, eps: 
     Both give the same numbers; which one XLA:CPU runs better depends on the layout. With
     scanned stacks the guard inside saves every copy of the moments (8.15 GiB at the L-32
     stage-1 step) and 7-10% of the step; with unrolled blocks optax's order is faster (S-128
-    stage 1: 9.6 s against 12.4 s per step; launch/bench_train.py, launch/bench_memory.py)."""
+    stage 1: 9.6 s against 12.4 s per step; benchmarks/train.py, benchmarks/memory.py)."""
     if not guard_inside:
         return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=mask)
@@ -188,7 +188,7 @@ def apply_updates(state: TrainState, losses: Mapping[str, jax.Array],
     the new params, moments and EMA overwrite their donated buffers (a guarded optimizer selects
     its moments before using them, :func:`scale_by_adam_guarded`). (Deciding on the update
     norm as well, which exists only once every update is computed, kept the old and the new
-    state alive together: 2.7 GiB more at the L-32 stage-1 step, launch/bench_memory.py.)
+    state alive together: 2.7 GiB more at the L-32 stage-1 step, benchmarks/memory.py.)
     Metrics of a single-group task are unprefixed, otherwise ``<group>/...``: ``grad_norm``
     (before clipping), ``update_norm`` (0 on a skipped step), ``param_norm`` (of the params the
     step started from, the ones its loss and gradients were computed at) and ``learning_rate``.

@@ -16,35 +16,24 @@ A task supplies:
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import ml_collections
 
-from titok_jax.train.tasks.base import Task
-
-_REGISTRY: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        _REGISTRY[name] = cls
-        cls.name = name
-        return cls
-    return wrap
+from titok_jax.train.tasks.base import TASKS, Task
 
 
 def names() -> list[str]:
     _load()
-    return sorted(_REGISTRY)
+    return sorted(TASKS)
 
 
 def get(config: ml_collections.ConfigDict) -> Task:
     """The task named by ``config.task``."""
     _load()
-    if config.task not in _REGISTRY:
-        raise ValueError(f"unknown config.task {config.task!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[config.task](config)
+    if config.task not in TASKS:
+        raise ValueError(f"unknown config.task {config.task!r}; known: {sorted(TASKS)}")
+    return TASKS[config.task](config)
 
 
 def _load() -> None:
+    # Each task module registers its class (base.register) when imported.
     from titok_jax.train.tasks import alit, maskgit, titok, titok_gan  # noqa: F401  (register themselves)

@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
-from titok_jax import predict
 from titok_jax.convert.official import name_map_for
 from titok_jax.gan.losses import discriminator_accuracy, hinge_d_loss
 from titok_jax.gan.patchgan import PatchGAN, init_discriminators, load_official
+from titok_jax.inference import predict
 from titok_jax.models.alit import ALIT, StageOneLoss, stage1_loss
 from titok_jax.models.maskgit_vqgan import VQGANDecoder
 from titok_jax.train.state import (
@@ -60,8 +60,7 @@ from titok_jax.train.state import (
     has_scanned_layers,
     learning_rate_schedule,
 )
-from titok_jax.train.tasks import register
-from titok_jax.train.tasks.base import Task
+from titok_jax.train.tasks.base import Task, register
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +186,7 @@ class ALITStage2(Task):
     # -- parameters: everything trains; LPIPS is the frozen part ------------------------------
     @functools.cached_property
     def _lpips(self):
-        from titok_jax.evals.metrics import lpips_vgg
+        from titok_jax.models.lpips import lpips_vgg
         return lpips_vgg()
 
     def frozen(self):

@@ -8,10 +8,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from titok_jax import predict, variants
+from titok_jax.convert.layout import init_unrolled
+from titok_jax.inference import predict
+from titok_jax.models import variants
 from titok_jax.train.state import Optimizer, TrainState
 
 StepFn = Callable[[TrainState, dict, Any, jax.Array], tuple[TrainState, dict]]
+
+# config.task name -> Task class; the task modules fill it with @register.
+TASKS: dict[str, type["Task"]] = {}
+
+
+def register(name: str):
+    """Class decorator: the task class of ``config.task == name``."""
+    def wrap(cls):
+        TASKS[name] = cls
+        cls.name = name
+        return cls
+    return wrap
 
 
 class Task:
@@ -100,13 +114,3 @@ class Task:
                              ema_params={**state.ema_params,
                                          self.group: jax.tree_util.tree_map(jnp.copy, params)})
 
-
-def init_unrolled(model, rng: jax.Array, *args) -> dict:
-    """``model.init(rng, *args)["params"]`` drawn as the unrolled model draws them, then put in
-    the model's layer layout: ``scan_layers`` changes how blocks are stored and run, never the
-    initial values (a scanned and an unrolled run start from the same weights)."""
-    from titok_jax.convert.layout import to_layout
-    if not getattr(model, "scan_layers", False):
-        return model.init(rng, *args)["params"]
-    like = jax.eval_shape(model.init, rng, *args)["params"]
-    return to_layout(model.clone(scan_layers=False).init(rng, *args)["params"], like)

@@ -37,12 +37,13 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from titok_jax import predict, sampling, variants
+from titok_jax.convert.layout import init_unrolled
 from titok_jax.convert.official import name_map_for
-from titok_jax.losses import MaskDraws, mlm_inputs, mlm_loss
+from titok_jax.inference import predict, sampling
+from titok_jax.models import variants
+from titok_jax.train.losses import MaskDraws, mlm_inputs, mlm_loss
 from titok_jax.train.state import TrainState, adamw, apply_updates
-from titok_jax.train.tasks import register
-from titok_jax.train.tasks.base import Task, init_unrolled
+from titok_jax.train.tasks.base import Task, register
 from titok_jax.train.tasks.titok import codebook_stats
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class MaskGITGenerator(Task):
         """``{"tokenizer": params}``: from ``config.tokenizer.weights``, or a random tokenizer
         drawn from ``seed + 1`` (``allow_random``; the same every time, so a resumed run
         trains on the same tokens)."""
-        from titok_jax.api import load_tokenizer
+        from titok_jax.inference.tokenizer import load_tokenizer
         weights = self.config.tokenizer.weights
         if weights:
             params = load_tokenizer(self.tokenizer_config.get("variant", ""), weights,
@@ -217,7 +218,7 @@ class MaskGITGenerator(Task):
 
     def warm_start(self, state, path):
         """Params (and EMA) from official generator weights or a titok-jax folder."""
-        from titok_jax.generator import load_generator
+        from titok_jax.inference.generator import load_generator
         params = load_generator(self.config.model, path).params
         params = jax.device_put(params, jax.tree_util.tree_map(lambda a: a.sharding,
                                                                state.params[self.group]))

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from titok_jax import predict, variants
 from titok_jax.convert.official import name_map_for
-from titok_jax.losses import stage1_loss
+from titok_jax.inference import predict
+from titok_jax.models import variants
+from titok_jax.train.losses import stage1_loss
 from titok_jax.train.state import TrainState, adamw, apply_updates
-from titok_jax.train.tasks import register
-from titok_jax.train.tasks.base import Task
+from titok_jax.train.tasks.base import Task, register
 
 
 def codebook_stats(ids: jax.Array, codebook_size: int) -> dict[str, jax.Array]:

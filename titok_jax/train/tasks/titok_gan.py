@@ -38,11 +38,11 @@ import ml_collections
 import optax
 from etils import epath
 
-from titok_jax import predict, variants
 from titok_jax.convert.official import name_map_for
+from titok_jax.inference import predict
+from titok_jax.models import variants
 from titok_jax.train.state import adamw, apply_updates
-from titok_jax.train.tasks import register
-from titok_jax.train.tasks.base import Task
+from titok_jax.train.tasks.base import Task, register
 from titok_jax.train.tasks.titok import (
     check_pixel_model,
     check_tail_drop,
@@ -308,7 +308,7 @@ def load_stage2_init(config: ml_collections.ConfigDict, model) -> dict[str, Any]
         read_training_checkpoint,
         vqgan_as_pixel_decoder,
     )
-    from titok_jax.evals.checkpoints import Checkpoint
+    from titok_jax.inference.weights import Checkpoint
     path = config.init_from
     source = Checkpoint(path)
     if source.kind == "weights":

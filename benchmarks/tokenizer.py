@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax.bench import (
+from benchmarks.common import (
     OFFICIAL_VIT_SIZES,
     compiled_flops,
     load_official_titok,
@@ -39,7 +39,7 @@ from titok_jax.bench import (
     peak_gflops,
     print_header,
 )
-from titok_jax.variants import TITOK_VARIANTS, build_model, titok_model_config
+from titok_jax.models.variants import TITOK_VARIANTS, build_model, titok_model_config
 
 OPS = ("encode", "decode", "encode_decode")
 IMAGE_SHAPE = (256, 256, 3)

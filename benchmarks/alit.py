@@ -20,7 +20,7 @@ matmul peak (or ``--peak-gflops``). Official figures (``--official-src``, a chec
 ShivamDuggal4/adaptive-length-tokenizer): the same modes timed in this process under
 ``torch.inference_mode()`` with ``torch.set_num_threads(os.cpu_count())``.
 
-    python launch/bench_alit.py --size alit_small --batch 8 --official-src /path/to/alit
+    python -m benchmarks.alit --size alit_small --batch 8 --official-src /path/to/alit
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax import variants
-from titok_jax.alit import ALITTokenizer, load_alit
-from titok_jax.bench import compiled_flops, load_official_alit, peak_gflops, print_header, timings
+from benchmarks.common import compiled_flops, load_official_alit, peak_gflops, print_header, timings
+from titok_jax.inference.alit import ALITTokenizer, load_alit
+from titok_jax.models import variants
 
 OFFICIAL_SIZES = ("alit_tiny", "alit_small", "alit_base", "alit_semilarge")
 
@@ -49,17 +49,17 @@ def piece_flops(alit: ALITTokenizer, batch: int) -> dict:
     """GFLOP of each jitted piece for a batch, from XLA's cost analysis."""
     size, g2 = alit.image_size, alit.module.grid_tokens
     width, n = alit.module.encoder_arch.width, alit.tokens_per_iter
-    v = alit._vars()
+    v = alit.variables()
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     gt = jax.ShapeDtypeStruct((batch, g2), jnp.int32)
     stream = lambda k: jax.ShapeDtypeStruct((batch, 1 + g2 + n * (k + 1), width),  # noqa
                                             jnp.float32)
     logits = jax.ShapeDtypeStruct((batch, g2, alit.module.vqgan_arch.codebook_size),
                                   jnp.float32)
-    out = {"start": _flops(alit._start, v, images), "pixels": _flops(alit._pixels, v, logits)}
+    out = {"start": _flops(alit.start_fn, v, images), "pixels": _flops(alit.pixels_fn, v, logits)}
     for k in range(alit.max_iters):
-        out[f"iter{k}"] = _flops(alit._iteration(k, "threshold"), v, stream(k), gt, None)
-        out[f"codes{k}"] = _flops(alit._codes_only, v, stream(k))
+        out[f"iter{k}"] = _flops(alit.iteration_fn(k, "threshold"), v, stream(k), gt, None)
+        out[f"codes{k}"] = _flops(alit.codes_fn, v, stream(k))
     return {k: f / 1e9 for k, f in out.items()}
 
 

@@ -23,7 +23,6 @@ output (and lets a lost ``<out>`` be rebuilt); delete it once the ``.npz`` is ch
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import io
@@ -39,8 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from titok_jax import sampling, sharding
-from titok_jax.checkpointing import as_path, config_differences
+from titok_jax.inference import sampling
+from titok_jax.infra import sharding
+from titok_jax.infra.checkpointing import config_differences
+from titok_jax.infra.distributed import barrier
+from titok_jax.infra.paths import as_path, write_atomic
 
 RUN_FILE = "run.json"
 NUM_GRID_IMAGES = 64
@@ -123,21 +125,6 @@ def _chunk_path(parts: epath.Path, chunk: int) -> epath.Path:
     return parts / f"chunk_{chunk:06d}.npy"
 
 
-def _is_remote(path: epath.Path) -> bool:
-    return "://" in os.fspath(path)
-
-
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-    """A killed run never leaves a partial file: locally a temporary name then a rename; on
-    ``gs://`` one upload, and an object appears only once complete."""
-    if _is_remote(path):
-        path.write_bytes(data)
-        return
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
@@ -182,12 +169,6 @@ def _check_outputs(out: epath.Path, parts: epath.Path, record: dict,
             raise ValueError(f"{out} exists but {missing[:5]} of its run are missing from "
                              f"{parts}; not overwriting it")
     return False
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 def _write_npz(f, parts: epath.Path, num_samples: int, num_classes: int, chunk_size: int,
@@ -255,7 +236,7 @@ def _draw(sampler: Sampler, parts: epath.Path, chunks: list[int], bar, *, num_sa
     drawn, started, written = 0, time.perf_counter(), None
 
     def write(c, images):
-        _write_atomic(_chunk_path(parts, c), _npy_bytes(images))
+        write_atomic(_chunk_path(parts, c), _npy_bytes(images))
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
         for c in chunks:
             start = c * chunk_size
@@ -325,11 +306,11 @@ def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int 
     num_chunks = -(-num_samples // chunk_size)
     names = [_chunk_path(parts, c).name for c in range(num_chunks)]
     fresh = _check_outputs(out, parts, record, names)
-    _barrier("titok_sample_checked")  # nothing is written before every host has checked
+    barrier("titok_sample_checked")  # nothing is written before every host has checked
     if fresh and index == 0:
         parts.mkdir(parents=True, exist_ok=True)
-        _write_atomic(parts / RUN_FILE, json.dumps(record, indent=1, sort_keys=True).encode())
-    _barrier("titok_sample_started")
+        write_atomic(parts / RUN_FILE, json.dumps(record, indent=1, sort_keys=True).encode())
+    barrier("titok_sample_started")
 
     existing = {p.name for p in parts.iterdir()}
     mine = list(range(index, num_chunks, hosts))
@@ -341,7 +322,7 @@ def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int 
         _draw(sampler, parts, todo, bar, num_samples=num_samples, chunk_size=chunk_size,
               num_classes=num_classes, seed=seed)
 
-    _barrier("titok_sample_drawn")
+    barrier("titok_sample_drawn")
     summary = dict(out=os.fspath(out), parts=os.fspath(parts), num_samples=num_samples,
                    chunks_drawn=len(todo), assembled=False)
     if index != 0:
@@ -363,97 +344,3 @@ def write_samples(sampler: Sampler, out: str | os.PathLike, *, num_samples: int 
 
 # ---------------------------------------------------------------------------------------------
 # ``titok-jax sample``
-
-_SETTINGS = ("num_sample_steps", "guidance_scale", "guidance_decay", "guidance_scale_pow",
-             "randomize_temperature", "softmax_temperature_annealing")
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from titok_jax.cli import _add_distributed_args
-    p.add_argument("--generator", default=None,
-                   help="titok_l32 | titok_b64 | titok_s128 (omit when --generator-weights is a "
-                        "titok-jax folder: its saved config)")
-    p.add_argument("--generator-weights", required=True,
-                   help="official generator .bin/.safetensors, or a titok-jax folder")
-    p.add_argument("--tokenizer", default=None,
-                   help="the TiTok tokenizer the generator was trained on: titok_l32 | "
-                        "titok_b64 | titok_s128 | ... (omit for a titok-jax folder)")
-    p.add_argument("--tokenizer-weights", required=True,
-                   help="official tokenizer .bin/.safetensors, or a titok-jax folder")
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="sample i has class i %% num-classes (default: the generator's, 1000)")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="samples per chunk, global; a multiple of the local device count. "
-                        "With the seed it fixes the samples: keep it to resume or reproduce")
-    p.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("sampling (default: the generator's official settings)")
-    g.add_argument("--num-sample-steps", type=int, default=None)
-    g.add_argument("--guidance-scale", type=float, default=None)
-    g.add_argument("--guidance-decay", default=None, choices=sampling.GUIDANCE_DECAYS)
-    g.add_argument("--guidance-scale-pow", type=float, default=None)
-    g.add_argument("--randomize-temperature", type=float, default=None)
-    g.add_argument("--softmax-temperature-annealing", default=None,
-                   action=argparse.BooleanOptionalAction)
-    p.add_argument("--out", required=True,
-                   help="output .npz, local or gs:// (ADM layout: arr_0 uint8 [N, H, W, 3], "
-                        "arr_1 labels); finished chunks are kept in <out>.parts/ to resume")
-    p.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    _add_distributed_args(p)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the ``sample`` subcommand to a ``titok-jax`` subparsers object."""
-    p = subparsers.add_parser(
-        "sample", help="class-conditional samples of a MaskGIT generator as an ADM .npz (gFID "
-                       "with `titok-jax fid`); resumable, sharded over devices and hosts")
-    _add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def _weights(path: str) -> str:
-    return os.fspath(as_path(path))
-
-
-def run(args: argparse.Namespace) -> int:
-    from titok_jax.train import launch
-    launch.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    import titok_jax
-    from titok_jax.convert import native
-    if not args.out.endswith(".npz"):
-        raise ValueError(f"--out must be an .npz file (ADM layout), got {args.out!r}")
-    if args.tokenizer is None and not native.is_native_dir(args.tokenizer_weights):
-        raise ValueError("--tokenizer is needed unless --tokenizer-weights is a titok-jax folder")
-    generator = titok_jax.load_generator(args.generator, args.generator_weights)
-    tokenizer = titok_jax.load_tokenizer(args.tokenizer or "", args.tokenizer_weights)
-    overrides = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
-    sampler = Sampler(generator, tokenizer, generator.sampling_config(**overrides))
-    sources = dict(generator=dict(name=args.generator, weights=_weights(args.generator_weights)),
-                   tokenizer=dict(name=args.tokenizer, weights=_weights(args.tokenizer_weights)))
-    summary = write_samples(sampler, args.out, num_samples=args.num_samples,
-                            chunk_size=args.batch_size, seed=args.seed,
-                            num_classes=args.num_classes, sources=sources, grid=args.grid,
-                            progress=args.progress)
-    if jax.process_index() == 0:
-        print(f"wrote {args.num_samples} samples to {summary['out']} (chunks kept in "
-              f"{summary['parts']})" + (f" and the grid {args.grid}" if args.grid else ""))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m titok_jax.synthesis ...``: the ``titok-jax sample`` arguments."""
-    parser = argparse.ArgumentParser(prog="titok-jax sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,9 +10,10 @@ titok-jax folder, an official weights file or a training workdir, with no traine
   parameter group ``tokenizer`` are evaluated.
 
 Params are ``{"model": trainable params, "frozen": frozen parts}``, as
-:class:`titok_jax.predict.Predictor` takes them. The frozen parts are the ALIT VQGAN stored in
-the folder or file, else :func:`titok_jax.predict.load_frozen` of the config (the stage-1 TiTok
-proxy-code teacher from ``config.teacher.weights``; ALIT workdirs, whose state holds no VQGAN).
+:class:`titok_jax.inference.predict.Predictor` takes them. The frozen parts are the ALIT VQGAN
+stored in the folder or file, else :func:`titok_jax.inference.predict.load_frozen` of the config
+(the stage-1 TiTok proxy-code teacher from ``config.teacher.weights``; ALIT workdirs, whose state
+holds no VQGAN).
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import os
 import ml_collections
 from etils import epath
 
-from titok_jax import checkpointing, predict, variants
 from titok_jax.convert import native, official
 from titok_jax.convert.layout import check_params
+from titok_jax.inference import predict
+from titok_jax.infra import checkpointing, paths
+from titok_jax.models import variants
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class Checkpoint:
     @property
     def directory(self) -> epath.Path:
         """Where results go by default: the folder or workdir, or the file's directory."""
-        path = checkpointing.as_path(self.path)
+        path = paths.as_path(self.path)
         return path.parent if self.kind == "weights" else path
 
     def config(self, config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:

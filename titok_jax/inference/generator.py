@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from titok_jax import sampling, variants
 from titok_jax.convert import native, official
 from titok_jax.convert.layout import check_params
+from titok_jax.inference import sampling
+from titok_jax.models import variants
 from titok_jax.models.maskgit import class_tokens
 
 
@@ -191,7 +192,7 @@ def load_generator(name_or_config: str | ml_collections.ConfigDict | dict | None
     module = variants.build_generator(cfg)
     if path is None:
         ids = jnp.zeros((1, cfg.num_tokens), jnp.int32)
-        from titok_jax.train.tasks.base import init_unrolled
+        from titok_jax.convert.layout import init_unrolled
         params = init_unrolled(module, jax.random.PRNGKey(0), ids, jnp.zeros((1,), jnp.int32))
         return Generator(cfg, params, sampling_defaults)
     abstract = _abstract_params(module, cfg.num_tokens)

@@ -13,14 +13,14 @@ timed ``--iters`` times; the median gives s/batch. FLOPs come from XLA's cost an
 compiled programs. XLA's cost analysis counts a while loop's body once, so the sampler's FLOPs are
 summed over its steps from the compiled forward pass: ``B`` rows on unguided steps (scale 0),
 ``2B`` on guided ones (the Gumbel sampling and sort add well under 1%). MFU is the achieved rate
-over the peak (``titok_jax/bench.py``). Parameters are random (they time the same as the release).
+over the peak (``benchmarks/common.py``). Parameters are random (they time the same as the release).
 
 Baseline in the same run, with ``--official-src`` (a checkout of bytedance/1d-tokenizer; it needs
 ``transformers`` for ImageBert): the official PyTorch ``ImageBert``/``UViTBert.generate`` with the
 same settings and ``TiTok.decode_tokens``, float32, in a child process (torch and JAX in one
 process need much memory), on the same batch size.
 
-    python launch/bench_sample.py --generators L-32,S-128 --batch 8 --official-src 1d-tokenizer
+    python -m benchmarks.sampling --generators L-32,S-128 --batch 8 --official-src 1d-tokenizer
 """
 from __future__ import annotations
 
@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax import sampling
-from titok_jax.bench import (
+from benchmarks.common import (
     bench_device,
     compiled_flops,
     compiled_timing,
@@ -47,9 +46,10 @@ from titok_jax.bench import (
     official_config,
     official_generator_config,
 )
-from titok_jax.generator import load_generator
+from titok_jax.inference import sampling
+from titok_jax.inference.generator import load_generator
 from titok_jax.models.maskgit import class_tokens
-from titok_jax.variants import build_model, titok_model_config
+from titok_jax.models.variants import build_model, titok_model_config
 
 # tokenizer variant -> its generator
 GENERATORS = {"L-32": "titok_l32", "B-64": "titok_b64", "S-128": "titok_s128"}

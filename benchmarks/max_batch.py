@@ -8,15 +8,14 @@ on a GPU/TPU, the device's ``bytes_limit`` less ``--headroom-gib``). Nothing run
 search ends; ``--time`` then times ``--iters`` steps at the batch found and prints images/s and
 MFU, so a short device budget is spent on one compile per probe and one timed run.
 
-    python launch/bench_max_batch.py --variant L-32 --dtype bfloat16 --scan --remat --time
-    python launch/bench_max_batch.py --variant L-32 --dtype float32 --scan --remat --memory-gib 24
+    python -m benchmarks.max_batch --variant L-32 --dtype bfloat16 --scan --remat --time
+    python -m benchmarks.max_batch --variant L-32 --dtype float32 --scan --remat --memory-gib 24
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
@@ -24,12 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 GIB = 2 ** 30
 
 
 def make_config(args, batch: int):
-    from titok_jax.config_arg import load_config
+    from titok_jax.infra.config import load_config
     stage = f",stage={args.stage}" if args.stage else ""
     config = load_config(os.path.join(ROOT, "configs", "titok.py")
                          + f":variant={args.variant}{stage}")
@@ -46,7 +44,7 @@ def make_config(args, batch: int):
 
 def compiled_step(args, batch: int, device):
     """(trainer, compiled step, peak bytes) of the one-device step at ``batch``."""
-    from titok_jax import sharding
+    from titok_jax.infra import sharding
     from titok_jax.train import loop
     config = make_config(args, batch)
     t = loop.build_trainer(config, sharding.make_mesh([device]))
@@ -98,7 +96,7 @@ def search(args, device, limit: int) -> tuple[int, dict[int, int]]:
 
 
 def time_batch(args, batch: int, device) -> dict:
-    from titok_jax.bench import compiled_flops, peak_gflops
+    from benchmarks.common import compiled_flops, peak_gflops
     t, compiled, peak, kind = compiled_step(args, batch, device)
     state = t.init_state(jax.random.PRNGKey(0))
     size = t.task.image_size

@@ -3,7 +3,7 @@ Resize(256, bicubic, antialias) + RandomCrop + flip, batch) with its decode thre
 worker processes, and of a PyTorch DataLoader over the same records and the same transform, in
 one run on the same machine.
 
-    python launch/bench_input.py [--data-dir DIR] [--dataset NAME] [--batch 32] [--batches 12]
+    python -m benchmarks.input [--data-dir DIR] [--dataset NAME] [--batch 32] [--batches 12]
                                  [--max-workers 2]
 
 Without ``--data-dir`` the embedded photo dataset is prepared in the project cache and read

@@ -17,7 +17,7 @@ Printed: ms per call (median of ``--repeats`` after a warm-up) and GFLOP/s (2 * 
 per call), with the CPU model from /proc/cpuinfo and the measured float32 GEMM peak. The
 formulations agree with ``lax.conv`` to float32 rounding (checked on every shape).
 
-    python launch/bench_conv.py --batch 2
+    python -m benchmarks.conv --batch 2
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 SHAPES = ((16, 512, 512), (32, 256, 256), (64, 256, 256), (128, 128, 128), (256, 128, 128))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_model() -> str:
@@ -87,9 +88,9 @@ def onednn_child(args) -> dict:
         out = os.path.join(tmp, "onednn.json")
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
                                           + " --xla_cpu_use_onednn=true").strip())
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--only-lax",
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.conv", "--only-lax",
                                "--no-torch", "--batch", str(args.batch), "--repeats",
-                               str(args.repeats), "--json", out], env=env,
+                               str(args.repeats), "--json", out], env=env, cwd=ROOT,
                               capture_output=True, text=True)
         if proc.returncode:
             print(f"the oneDNN child failed:\n{proc.stderr[-2000:]}", flush=True)
@@ -107,7 +108,7 @@ def main() -> None:
     p.add_argument("--only-lax", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    from titok_jax.bench import peak_gflops
+    from benchmarks.common import peak_gflops
     peaks, source = peak_gflops(jax.devices()[0], None)
     peak = peaks["float32"]
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, jax {jax.__version__}, float32 peak "

@@ -21,7 +21,8 @@ a folder without it is an interrupted export):
 * ``signature.json``: per function its file, inputs and output (shapes with ``"b"``, dtypes,
   value ranges), and the model (kind, name, config, image size, token count, codebook size),
   platforms, jax version, calling convention, the weights file and its keys, and how to call.
-* ``serve.py``: :data:`LOADER_SCRIPT`, a runnable standalone consumer (jax + numpy only).
+* ``serve.py``: a copy of :mod:`titok_jax.jobs.serve_loader`, a runnable standalone consumer (jax
+  + numpy only).
 * with ``--saved-model``: ``saved_model/``, a TF SavedModel of the same functions through
   ``jax2tf`` (the same StableHLO in ``XlaCallModule`` ops, batch ``None``), weights as its
   variables (a second copy on disk); ``tf.saved_model.load(...).encode(images)``.
@@ -55,7 +56,7 @@ Functions (every one is ``f(params, *inputs)``; ``params`` is the dict read from
 Against the Python API on CPU (``tests/test_serving.py``, batch 1 and 3): token ids identical;
 TiTok, generator and ALIT floats bitwise (the artefact, its batch refined to the call's,
 compiles to the API's program; ALIT decode is one program on both sides,
-:func:`titok_jax.alit.decode_images`). The SavedModel runs under TensorFlow's own XLA: ids
+:func:`titok_jax.inference.alit.decode_images`). The SavedModel runs under TensorFlow's own XLA: ids
 identical, images within 3e-4.
 
 Nothing in an artefact checks its input values: the ranges in ``signature.json`` are the
@@ -68,16 +69,14 @@ caller's contract (the Python API raises on them). A standalone consumer::
     encode = export.deserialize(open("served/encode.jaxexport", "rb").read())
     ids = jax.jit(encode.call)(params, images)    # float32 [b, S, S, 3] in [0, 1] -> int32 [b, N]
 
-``python -m titok_jax.serving ...`` runs the command alone.
+``python -m titok_jax.cli.serve_export ...`` runs the command alone.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
-import time
+from importlib import resources
 from typing import Callable, Sequence
 
 import jax
@@ -143,7 +142,8 @@ def _ids(name: str, n: int, codebook: int, note: str = "") -> Tensor:
 
 
 def tokenizer_functions(tok) -> tuple[list[Function], dict, dict]:
-    """(functions, params, model description) of a :class:`titok_jax.api.Tokenizer`."""
+    """(functions, params, model description) of a
+    :class:`titok_jax.inference.tokenizer.Tokenizer`."""
     cfg, m = tok.config, tok.module
     s, n = tok.image_size, tok.num_tokens
     stage1 = m.outputs_proxy_codes
@@ -193,7 +193,7 @@ def tokenizer_functions(tok) -> tuple[list[Function], dict, dict]:
 
 
 def generator_functions(gen, settings=None) -> tuple[list[Function], dict, dict]:
-    """(functions, params, model description) of a :class:`titok_jax.generator.Generator`;
+    """(functions, params, model description) of a :class:`titok_jax.inference.generator.Generator`;
     ``settings`` (a ``SamplingConfig``) default to its ``sampling_defaults``."""
     cfg = (settings or gen.sampling_defaults).validate()
     sample_ids = gen.sample_fn(cfg)
@@ -217,10 +217,10 @@ def generator_functions(gen, settings=None) -> tuple[list[Function], dict, dict]
 
 def alit_functions(alit, token_counts: Sequence[int] | None = None
                    ) -> tuple[list[Function], dict, dict]:
-    """(functions, params, model description) of an :class:`titok_jax.alit.ALITTokenizer`:
+    """(functions, params, model description) of an :class:`titok_jax.inference.alit.ALITTokenizer`:
     ``encode_<n>`` for each of ``token_counts`` (default: every count) and ``decode_tokens``."""
     # The per-iteration pieces ALITTokenizer jits one by one, fused here into one program.
-    from titok_jax.alit import _codes_only, _iteration, _start, decode_images
+    from titok_jax.inference.alit import decode_images, start_stream, stream_codes, stream_iteration
     m, cfg = alit.module, alit.config
     step, top, s = alit.tokens_per_iter, alit.max_tokens, alit.image_size
     counts = list(range(step, top + 1, step)) if token_counts is None else list(token_counts)
@@ -232,11 +232,11 @@ def alit_functions(alit, token_counts: Sequence[int] | None = None
     def encoder(iters: int):
         def encode(p, images):
             v = {"params": p["params"]}
-            x, gt_ids = m.apply(v, images, method=_start)
+            x, gt_ids = m.apply(v, images, method=start_stream)
             for k in range(iters - 1):
-                x, _ = m.apply(v, x, gt_ids, None, method=_iteration, k=k, halting="threshold",
-                               last=False)
-            return m.apply(v, x, method=_codes_only)
+                x, _ = m.apply(v, x, gt_ids, None, method=stream_iteration, k=k,
+                               halting="threshold", last=False)
+            return m.apply(v, x, method=stream_codes)
         return encode
 
     def decode_tokens(p, ids, lengths):
@@ -272,7 +272,7 @@ def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(platforms))
 
 
-def _check_out_dir(out_dir: epath.Path) -> None:
+def check_out_dir(out_dir: epath.Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir} exists and is not an empty folder; not overwriting it "
                          f"(choose a new --out)")
@@ -346,7 +346,7 @@ def write_export(out_dir: str | os.PathLike, functions: Sequence[Function], para
     signature written to ``signature.json``."""
     platforms = check_platforms(platforms)
     out = epath.Path(out_dir)
-    _check_out_dir(out)
+    check_out_dir(out)
     abstract = _abstract_params(params)
     (batch,) = jax.export.symbolic_shape("b")
     exported = {}
@@ -372,7 +372,7 @@ def write_export(out_dir: str | os.PathLike, functions: Sequence[Function], para
     if saved_model:
         signature["saved_model"] = write_saved_model(os.fspath(out / SAVED_MODEL_DIR),
                                                      functions, params, platforms)
-    (out / LOADER_FILE).write_text(LOADER_SCRIPT)
+    (out / LOADER_FILE).write_text(loader_script())
     (out / SIGNATURE_FILE).write_text(json.dumps(signature, indent=1))
     return signature
 
@@ -398,135 +398,7 @@ def export_alit(alit, out_dir: str | os.PathLike, platforms: Sequence[str] = ("c
     return write_export(out_dir, *alit_functions(alit, token_counts), platforms, saved_model)
 
 
-# ---------------------------------------------------------------------------------------------
-# The standalone consumer (written next to the artefacts; the tests run it without titok-jax)
-
-LOADER_SCRIPT = '''\
-"""Runs titok-jax serving artefacts with jax + numpy only (no titok-jax).
-
-    python serve.py EXPORT_DIR INPUTS.npz OUTPUTS.npz [REPEATS]
-
-INPUTS.npz holds "<function>/<case>/<input name>" arrays (e.g. "encode/b3/images"); for every
-(function, case) found, OUTPUTS.npz gets "<function>/<case>" and "timings" (JSON: per function the
-deserialize time, per case the first call (compile + run) and the median of REPEATS more calls).
-"""
-import json
-import os
-import sys
-import time
-
-import jax
-import numpy as np
-from jax import export
-
-
-def main(export_dir, inputs_path, outputs_path, repeats=3):
-    with open(os.path.join(export_dir, "signature.json")) as f:
-        sig = json.load(f)
-    start = time.perf_counter()
-    params = jax.device_put(dict(np.load(os.path.join(export_dir, sig["weights"]["file"]))))
-    jax.block_until_ready(params)
-    timings = {"weights_load_s": time.perf_counter() - start, "functions": {}}
-    inputs = np.load(inputs_path)
-    outputs = {}
-    for name, spec in sig["functions"].items():
-        cases = sorted({k.split("/")[1] for k in inputs.files if k.split("/")[0] == name})
-        if not cases:
-            continue
-        start = time.perf_counter()
-        with open(os.path.join(export_dir, spec["file"]), "rb") as f:
-            fn = jax.jit(export.deserialize(bytearray(f.read())).call)
-        t = timings["functions"][name] = {"deserialize_s": time.perf_counter() - start}
-        for case in cases:
-            args = [inputs[f"{name}/{case}/{x['name']}"] for x in spec["inputs"]]
-            start = time.perf_counter()
-            out = np.asarray(fn(params, *args))
-            first = time.perf_counter() - start
-            runs = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(params, *args))
-                runs.append(time.perf_counter() - start)
-            t[case] = {"first_call_s": first, "call_s": float(np.median(runs))}
-            outputs[f"{name}/{case}"] = out
-    np.savez(outputs_path, timings=np.array(json.dumps(timings)), **outputs)
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:4], *[int(r) for r in sys.argv[4:5]])
-'''
-
-
-# ---------------------------------------------------------------------------------------------
-# ``titok-jax serve-export``
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the ``serve-export`` subcommand (``func=run``) to a subparsers object."""
-    from titok_jax.cli import _add_model_args
-    p = subparsers.add_parser(
-        "serve-export", help="write encode/decode_tokens (generators: sample) as jax.export "
-                             "artefacts with a symbolic batch, weights as .npz, signature.json",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True,
-                   help="output folder (new or empty): *.jaxexport, params.npz, signature.json")
-    p.add_argument("--platforms", default="cpu",
-                   help=f"comma-separated platforms to lower for, of {','.join(PLATFORMS)}")
-    p.add_argument("--saved-model", action="store_true",
-                   help="also a TF SavedModel (jax2tf; needs tensorflow) in OUT/saved_model, "
-                        "with its own copy of the weights")
-    tokenizer = p.add_argument_group("a tokenizer (TiTok or ALIT)")
-    _add_model_args(tokenizer, weights_required=False)  # not needed with --generator-weights
-    tokenizer.add_argument("--alit-tokens", help="ALIT: comma-separated token counts to export "
-                           "an encoder for (default: every multiple of the tokens per iteration)")
-    generator = p.add_argument_group("or a MaskGIT generator (its default sampling settings are "
-                                     "baked into `sample`)")
-    generator.add_argument("--generator", help="titok_l32 | titok_b64 | titok_s128 (omit when "
-                           "--generator-weights is a titok-jax folder)")
-    generator.add_argument("--generator-weights",
-                           help="official generator .bin/.safetensors, or a titok-jax folder")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    if (args.weights is None) == (args.generator_weights is None):
-        raise ValueError("pass exactly one of --weights (a tokenizer) and --generator-weights "
-                         "(a generator)")
-    platforms = check_platforms(args.platforms.split(","))
-    _check_out_dir(epath.Path(args.out))
-    started = time.perf_counter()
-    if args.generator_weights is not None:
-        import titok_jax
-        sig = export_generator(titok_jax.load_generator(args.generator, args.generator_weights),
-                               args.out, platforms, args.saved_model)
-    else:
-        from titok_jax.cli import _is_alit, _load
-        model = _load(args)
-        if _is_alit(args):
-            counts = None if args.alit_tokens is None else [
-                int(c) for c in args.alit_tokens.split(",") if c.strip()]
-            sig = export_alit(model, args.out, platforms, args.saved_model, counts)
-        else:
-            if args.alit_tokens is not None:
-                raise ValueError("--alit-tokens applies to ALIT models only")
-            sig = export_tokenizer(model, args.out, platforms, args.saved_model)
-    sizes = ", ".join(f"{n} {f['bytes'] / 1e3:.0f} kB" for n, f in sig["functions"].items())
-    print(f"wrote {sizes} and {sig['weights']['file']} "
-          f"{sig['weights']['bytes'] / 1e6:.1f} MB for {','.join(platforms)} to {args.out} "
-          f"in {time.perf_counter() - started:.1f} s")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m titok_jax.serving ...``: ``titok-jax serve-export`` alone."""
-    parser = argparse.ArgumentParser(prog="titok-jax")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        return run(parser.parse_args(["serve-export", *(sys.argv[1:] if argv is None else argv)]))
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def loader_script() -> str:
+    """The source of :mod:`titok_jax.jobs.serve_loader`, written as ``serve.py`` next to the
+    artefacts: it imports jax and numpy only, never titok-jax."""
+    return (resources.files("titok_jax.jobs") / "serve_loader.py").read_text()

@@ -18,17 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from titok_jax import variants
 from titok_jax.convert import native, official
 from titok_jax.convert.layout import CheckpointMismatchError, check_params
+from titok_jax.inference.predict import abstract_params
+from titok_jax.models import variants
 
 _IMAGE_HINT = "float32 images [B, {s}, {s}, 3] (NHWC) with values in [0, 1]"
 
-
-def _abstract_params(module, image_size: int):
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
-    return shapes["params"]
 
 
 def check_images(images: Any, image_size: int) -> jax.Array:
@@ -187,7 +183,7 @@ class VQGAN:
 
 def _load_params(model_config, path, extra_state: dict | None = None) -> dict:
     module = variants.build_model(model_config)
-    abstract = _abstract_params(module, model_config.get("image_size", 256))
+    abstract = abstract_params(module, model_config.get("image_size", 256))
     if native.is_native_dir(path):
         saved_cfg, params = native.load_native(path)
         if variants.model_identity(saved_cfg) != variants.model_identity(model_config):

@@ -30,6 +30,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from titok_jax.infra.paths import as_path
+
 log = logging.getLogger(__name__)
 
 # Config keys that cannot change what a resumed run computes: how often it logs, evaluates and
@@ -44,11 +46,6 @@ NEUTRAL_KEYS = ("log_every", "ckpt_every", "image_every", "eval_every", "evals",
 class CheckpointRestoreError(RuntimeError):
     """Checkpoints exist but cannot be resumed (unreadable, or written by another config)."""
 
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """An epath for local or ``gs://`` paths; local ones are made absolute."""
-    text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

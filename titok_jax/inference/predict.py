@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from titok_jax import variants
+from titok_jax.models import variants
 
 log = logging.getLogger(__name__)
 

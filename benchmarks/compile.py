@@ -11,8 +11,8 @@ Models: ``L-32`` (TiTok-L-32 stage 1: 24 + 24 blocks; random VQGAN teacher), ``a
 unrolled), ``gen-L-32`` (the ImageBert generator of TiTok-L-32 on pre-drawn tokens: 24 BERT
 layers) and any other TiTok variant name.
 
-    python launch/bench_compile.py --models L-32,alit_small --batch 8
-    python launch/bench_compile.py --models alit_small --batch 4 --iters 2
+    python -m benchmarks.compile --models L-32,alit_small --batch 8
+    python -m benchmarks.compile --models alit_small --batch 4 --iters 2
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import concurrent.futures.process
 import json
 import multiprocessing
 import os
-import sys
 import time
 from typing import Any
 
@@ -30,12 +29,11 @@ import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 GIB = 2 ** 30
 
 
 def model_config(model: str, batch: int, remat: bool, scan: bool):
-    from titok_jax.config_arg import load_config
+    from titok_jax.infra.config import load_config
     if model.startswith("alit"):
         config = load_config(os.path.join(ROOT, "configs", "alit.py") + f":variant={model}")
         config.teacher.allow_random = True
@@ -59,7 +57,7 @@ def model_config(model: str, batch: int, remat: bool, scan: bool):
 def measure(model: str, batch: int, remat: bool, scan: bool, warmup: int,
             iters: int) -> dict[str, Any]:
     """One configuration, in a fresh process."""
-    from titok_jax import sharding
+    from titok_jax.infra import sharding
     from titok_jax.train import loop
     config = model_config(model, batch, remat, scan)
     t = loop.build_trainer(config, sharding.make_mesh(jax.devices()[:1]))

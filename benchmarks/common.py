@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from titok_jax.variants import TITOK_VARIANTS, titok_model_config
+from titok_jax.models.variants import TITOK_VARIANTS, titok_model_config
 
 # device_kind substring -> dense (float32, bfloat16) TFLOP/s; first match wins. TPUs run float32
 # dots as bfloat16 MXU passes at the default precision, hence one figure for both.

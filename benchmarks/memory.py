@@ -18,12 +18,12 @@ activations kept for the backward pass, gradients and optimizer temporaries.
 ``--run`` also executes one step (random state) and records the step's peak resident memory
 (``VmHWM`` after resetting it past the compile); ``--official-src`` (a checkout of
 bytedance/1d-tokenizer) measures the official PyTorch step the same way in a child process (the
-official step and proxy-code encode of ``launch/bench_train.py``). Each configuration runs in
+official step and proxy-code encode of ``benchmarks/train.py``). Each configuration runs in
 its own process, so no figure carries another's heap.
 
-    python launch/bench_memory.py --variants S-128,B-64 --dtypes float32,bfloat16 --remat both
-    python launch/bench_memory.py --variants S-128 --run --official-src /tmp/1d-tokenizer
-    python launch/bench_memory.py --variants L-32 --dtypes float32 --remat on --scan both \
+    python -m benchmarks.memory --variants S-128,B-64 --dtypes float32,bfloat16 --remat both
+    python -m benchmarks.memory --variants S-128 --run --official-src /tmp/1d-tokenizer
+    python -m benchmarks.memory --variants L-32 --dtypes float32 --remat on --scan both \
         --remat-policy nothing_saveable,save_attention
 """
 from __future__ import annotations
@@ -48,11 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax import sharding
-from titok_jax.bench import load_official_titok
-from titok_jax.config_arg import load_config
+from benchmarks.common import load_official_titok
+from titok_jax.infra import sharding
+from titok_jax.infra.config import load_config
+from titok_jax.models.variants import VQGAN_SIZES
 from titok_jax.train import loop
-from titok_jax.variants import VQGAN_SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024 ** 3
@@ -77,7 +77,7 @@ KINDS = (
 
 def stage1_config(variant: str, dtype: str, batch: int, remat: bool, scan: bool = False,
                   policy: str = "nothing_saveable", ema: bool = True):
-    """The stage-1 config of ``launch/bench_train.py``: random teacher, ``batch``, ``dtype``,
+    """The stage-1 config of ``benchmarks/train.py``: random teacher, ``batch``, ``dtype``,
     remat (with ``policy``), scanned layers and the EMA copy (on in every released recipe) as
     asked."""
     config = load_config(os.path.join(ROOT, "configs", "titok.py") + f":variant={variant},stage=1")
@@ -327,8 +327,7 @@ def official_peak(src: str, variant: str, batch: int, ema: bool = True
     """Peak RSS of this (fresh) process around one official step + proxy encode (after one
     warm-up; with the official ``EMAModel`` update when ``ema``), or None if the official code
     cannot be imported."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_train  # its official step; launch/ is not a package
+    from benchmarks import train as bench_train  # its official step
     titok_cls = load_official_titok(src)
     if titok_cls is None or not bench_train.official_arch(variant):
         return None

@@ -6,7 +6,7 @@
   host accumulation and the FID square root) of a random-init TiTok variant on the embedded
   validation split; the second call is timed, so compilation is excluded.
 
-    python launch/bench_eval.py --batch 16 --size 256 --variant tiny-pixel
+    python -m benchmarks.eval --batch 16 --size 256 --variant tiny-pixel
 """
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax import sharding, variants
-from titok_jax.bench import median_seconds, print_header
+from benchmarks.common import median_seconds, print_header
 from titok_jax.evals import inception_weights, metrics
+from titok_jax.infra import sharding
+from titok_jax.models import variants
+from titok_jax.models.lpips import lpips_vgg
 
 
 def bench_ops(batch: int, size: int, iters: int) -> None:
@@ -30,7 +32,7 @@ def bench_ops(batch: int, size: int, iters: int) -> None:
     fn = jax.jit(lambda p, v: module.apply({"params": p}, v)["pool"]).lower(params, x).compile()
     sec = median_seconds(lambda: fn(params, x * 255.0).block_until_ready(), 1, iters)
     print(f"inception  batch {batch} {size}px: {batch / sec:8.1f} images/s")
-    lp_module, lp_params = metrics.lpips_vgg()
+    lp_module, lp_params = lpips_vgg()
     fn = jax.jit(lambda p, a, b: metrics.lpips_distance(lp_module, p, a, b))
     fn = fn.lower(lp_params, x, x).compile()
     sec = median_seconds(lambda: fn(lp_params, x, 1.0 - x).block_until_ready(), 1, iters)
@@ -38,9 +40,9 @@ def bench_ops(batch: int, size: int, iters: int) -> None:
 
 
 def bench_eval(variant: str, evals: str, batch: int) -> None:
-    from titok_jax.config_arg import apply_overrides, load_config
     from titok_jax.data.embedded import DATASET_NAME, prepare_embedded
     from titok_jax.evals import runner
+    from titok_jax.infra.config import apply_overrides, load_config
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = load_config(os.path.join(root, "configs", "titok.py") + f":variant={variant}")
     apply_overrides(config, [f"eval.batch_size={batch}", "eval.fid_sqrt=eigh",

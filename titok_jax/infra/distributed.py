@@ -33,3 +33,10 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
         return
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

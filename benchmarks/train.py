@@ -4,13 +4,13 @@ One step = the frozen MaskGIT-VQGAN encodes the batch to proxy codes, TiTok forw
 + quantizer loss, backward, clip, AdamW, EMA — the jitted, donated step of
 ``titok_jax/train/loop.py`` (task ``titok_stage1``) on a ``data`` mesh over all devices. FLOPs
 come from XLA's cost analysis of the compiled step; MFU is achieved / peak (see
-``titok_jax/bench.py``).
+``benchmarks/common.py``).
 
 Baseline in the same run: with ``--official-src`` (a checkout of bytedance/1d-tokenizer) the
 official PyTorch stage-1 step (train mode, forward, CE + quantizer loss, backward, clip 1.0,
 AdamW) plus the official VQGAN proxy-code encode it runs every step, on the same batch.
 
-    python launch/bench_train.py --variants S-128,B-64,L-32 --batch 8 --dtypes float32,bfloat16
+    python -m benchmarks.train --variants S-128,B-64,L-32 --batch 8 --dtypes float32,bfloat16
 
 ``--stage 2`` (task ``titok_stage2``, default S-128) and ``--stage single`` (task
 ``titok_single_stage``, default BL-64-VQ) time the ``gan`` step kind instead: the generator
@@ -27,7 +27,7 @@ or ``_Single_Stage`` with random perceptual networks (no weights can be download
 backward, clip 1.0, AdamW; then the discriminator loss (``mode="discriminator"``), backward,
 clip, its AdamW; then the EMA, in the order of the official ``train_one_epoch``.
 
-    python launch/bench_train.py --stage 2 --variants S-128 --batch 2 --dtypes float32
+    python -m benchmarks.train --stage 2 --variants S-128 --batch 2 --dtypes float32
 """
 from __future__ import annotations
 
@@ -43,8 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titok_jax import sharding
-from titok_jax.bench import (
+from benchmarks.common import (
     OFFICIAL_VIT_SIZES,
     compiled_flops,
     compiled_timing,
@@ -56,9 +55,10 @@ from titok_jax.bench import (
     peak_gflops,
     print_header,
 )
-from titok_jax.config_arg import load_config
+from titok_jax.infra import sharding
+from titok_jax.infra.config import load_config
+from titok_jax.models.variants import TITOK_VARIANTS
 from titok_jax.train import loop
-from titok_jax.variants import TITOK_VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --stage -> (default variants, the task its configs must select)

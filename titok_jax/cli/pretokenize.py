@@ -1,17 +1,20 @@
 """``titok-jax pretokenize``: encode a TFDS split once with a VQ tokenizer, for MaskGIT generator
-training (:mod:`titok_jax.data.tokens` describes the views, the output format and resuming).
+training (:mod:`titok_jax.data.tokens` describes the views and the output format,
+:mod:`titok_jax.jobs.pretokenize` the writing and resuming).
 
     titok-jax pretokenize --model titok_l32 --weights tokenizer_titok_l32.bin \\
         --data-dir gs://bucket/tensorflow_datasets --split train --out gs://bucket/tokens_l32
 
 Every host of a multi-host run starts the same command; each writes its share of the shards with
-all its local devices. ``python -m titok_jax.pretokenize ...`` runs it alone.
+all its local devices. ``python -m titok_jax.cli.pretokenize ...`` runs it alone.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from titok_jax.cli.args import add_distributed_args
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,11 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="images per encode call on each host (x2 or x10 views)")
     p.add_argument("--shard-size", type=int, default=10_000,
                    help="images per output shard (the unit of work and of resuming)")
-    p.add_argument("--coordinator", default=None,
-                   help="host:port of process 0 for multi-process runs (else auto-detected on "
-                        "TPU pods / SLURM, or single-process)")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    add_distributed_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -50,8 +49,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _refuse_non_vq(args) -> None:
     """A clear error, before any weights are read, for tokenizers whose output is not one
     fixed-length id sequence."""
-    from titok_jax import variants
     from titok_jax.convert import native
+    from titok_jax.models import variants
     if native.is_native_dir(args.weights):
         what, cfg = args.weights, native.load_native_config(args.weights)
     else:
@@ -66,16 +65,17 @@ def _refuse_non_vq(args) -> None:
 
 
 def run(args) -> int:
-    from titok_jax import load_tokenizer
     from titok_jax.data import embedded, tokens
-    from titok_jax.train.launch import maybe_initialize_distributed
+    from titok_jax.inference.tokenizer import load_tokenizer
+    from titok_jax.infra.distributed import maybe_initialize_distributed
+    from titok_jax.jobs.pretokenize import pretokenize
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     _refuse_non_vq(args)
     dataset, data_dir = args.dataset, args.data_dir
     if args.embedded:
         dataset, data_dir = embedded.DATASET_NAME, embedded.prepare_embedded(data_dir or None)
     tok = load_tokenizer(args.model, args.weights)
-    out = tokens.pretokenize(tok, dataset, data_dir, args.split, args.out,
+    out = pretokenize(tok, dataset, data_dir, args.split, args.out,
                              mode="ten_crop" if args.ten_crop else "flip",
                              batch_size=args.batch_size, shard_size=args.shard_size,
                              weights=args.weights, progress=sys.stderr.isatty())

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from titok_jax import variants
-from titok_jax.api import _abstract_params, check_images
 from titok_jax.convert import native, official
 from titok_jax.convert.layout import check_params
+from titok_jax.inference.predict import abstract_params
+from titok_jax.inference.tokenizer import check_images
+from titok_jax.models import variants
 
 
 def load_alit(name: str, path: str | os.PathLike, *, which: str = "ema",
@@ -52,13 +53,13 @@ def load_alit(name: str, path: str | os.PathLike, *, which: str = "ema",
         if cfg.name != "alit":
             raise ValueError(f"{path} holds a {cfg.name!r} model, not ALIT")
         module = variants.build_model(cfg)
-        params = check_params(params, _abstract_params(module, cfg.image_size), f"ALIT ({path})")
+        params = check_params(params, abstract_params(module, cfg.image_size), f"ALIT ({path})")
     else:
         cfg = ml_collections.ConfigDict((model_config or variants.alit_model_config(name))
                                         .to_dict())
         module = variants.build_model(cfg)
         state = official.read_training_checkpoint(path, which)
-        params = official.import_official(state, _abstract_params(module, cfg.image_size), cfg)
+        params = official.import_official(state, abstract_params(module, cfg.image_size), cfg)
     if dtype is not None:
         cfg.dtype = dtype
     return ALITTokenizer(cfg, params)
@@ -71,11 +72,11 @@ class ALITTokenizer:
         self.config = model_config
         self.module = m = variants.build_model(model_config)
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
-        self._start = jax.jit(functools.partial(m.apply, method=_start))
-        self._pixels = jax.jit(functools.partial(m.apply, method=m.decode_pixels))
+        self.start_fn = jax.jit(functools.partial(m.apply, method=start_stream))
+        self.pixels_fn = jax.jit(functools.partial(m.apply, method=m.decode_pixels))
         self._decode = jax.jit(functools.partial(m.apply, method=_decode_ids))
         self._decode_images = jax.jit(functools.partial(m.apply, method=decode_images))
-        self._codes_only = jax.jit(functools.partial(m.apply, method=_codes_only))
+        self.codes_fn = jax.jit(functools.partial(m.apply, method=stream_codes))
         self._iters: dict[tuple[int, str], Any] = {}
 
     # -- properties ---------------------------------------------------------------------------
@@ -96,14 +97,18 @@ class ALITTokenizer:
     def max_tokens(self) -> int:
         return self.tokens_per_iter * self.max_iters
 
-    def _vars(self):
+    def variables(self) -> dict:
+        """The ``variables`` argument of the module and of the jitted pieces below."""
         return {"params": self.params}
 
-    def _iteration(self, k: int, halting: str):
+    # The jitted pieces, each a function of (variables, ...): ``start_fn`` (images -> first
+    # stream and the VQGAN's target ids), ``iteration_fn(k, halting)``, ``codes_fn`` (a stream's
+    # codes without a decoder pass) and ``pixels_fn`` (decoder logits -> images).
+    def iteration_fn(self, k: int, halting: str):
         key = (k, halting)
         if key not in self._iters:
             m = self.module
-            fn = functools.partial(m.apply, method=_iteration, k=k, halting=halting,
+            fn = functools.partial(m.apply, method=stream_iteration, k=k, halting=halting,
                                    last=k + 1 == self.max_iters)
             self._iters[key] = jax.jit(fn)
         return self._iters[key]
@@ -149,7 +154,7 @@ class ALITTokenizer:
             entry = {name: out[name] for name in ("codes", "latent_tokens", "p_gt",
                                                   "halting_mask")}
             if with_recon:
-                entry["recon"] = self._pixels(self._vars(), out["logits"])
+                entry["recon"] = self.pixels_fn(self.variables(), out["logits"])
                 entry["l1"] = jnp.mean(jnp.abs(entry["recon"] - x), axis=(1, 2, 3))
             outs.append(entry)
         return outs
@@ -199,7 +204,7 @@ class ALITTokenizer:
             batch_rows.append(len(run.rows))
             out = run.step(k)
             rows = run.rows[:run.num_real]  # the images of the batch rows, then padding
-            rec = self._pixels(self._vars(), out["logits"])
+            rec = self.pixels_fn(self.variables(), out["logits"])
             l1_dev = jnp.mean(jnp.abs(rec - run.images), axis=(1, 2, 3))
             l1 = np.full((b,), np.nan)
             l1[rows] = np.asarray(l1_dev, np.float64)[:run.num_real]
@@ -257,14 +262,14 @@ class ALITTokenizer:
     def decode_logits(self, ids: Any, lengths: Any = None) -> jax.Array:
         ids, lengths = self._check_ids(ids, lengths)
         ids = ids[:, :int(lengths.max())]  # one compiled shape per distinct max length
-        return self._decode(self._vars(), jnp.asarray(ids), jnp.asarray(lengths))
+        return self._decode(self.variables(), jnp.asarray(ids), jnp.asarray(lengths))
 
     def decode(self, ids: Any, lengths: Any = None) -> jax.Array:
         """Images ``[B, H, W, 3]`` in [0, 1] from (padded) ids and per-image lengths; without
         ``lengths`` every row is decoded at its full width."""
         ids, lengths = self._check_ids(ids, lengths)
         ids = ids[:, :int(lengths.max())]  # one compiled shape per distinct max length
-        return self._decode_images(self._vars(), jnp.asarray(ids), jnp.asarray(lengths))
+        return self._decode_images(self.variables(), jnp.asarray(ids), jnp.asarray(lengths))
 
     def save(self, directory: str | os.PathLike) -> None:
         native.save_native(directory, self.config, jax.device_get(self.params))
@@ -291,7 +296,7 @@ class _Rollout:
         self.rows = np.arange(self.batch)
         self.num_real = self.batch
         self.images = x
-        self.stream, self.gt_ids = tok._start(tok._vars(), x)
+        self.stream, self.gt_ids = tok.start_fn(tok.variables(), x)
 
     def _halting_input(self, k: int):
         if self.mode == "inject":
@@ -303,10 +308,10 @@ class _Rollout:
         return None
 
     def step(self, k: int, codes_only: bool = False) -> dict:
-        v = self.tok._vars()
+        v = self.tok.variables()
         if codes_only:
-            return {"codes": self.tok._codes_only(v, self.stream)}
-        self.stream, out = self.tok._iteration(k, self.mode)(
+            return {"codes": self.tok.codes_fn(v, self.stream)}
+        self.stream, out = self.tok.iteration_fn(k, self.mode)(
             v, self.stream, self.gt_ids, self._halting_input(k))
         return out
 
@@ -326,12 +331,12 @@ class _Rollout:
 
 # Module methods used through ``apply`` (kept outside the class so the module stays lean).
 
-def _start(m, images):
+def start_stream(m, images):
     z, gt_ids = m.vqgan_targets(images)
     return m.start(images, z), gt_ids
 
 
-def _iteration(m, x, gt_ids, injected, *, k: int, halting: str, last: bool):
+def stream_iteration(m, x, gt_ids, injected, *, k: int, halting: str, last: bool):
     """One iteration + halting + growth. ``injected``: bool masks (``inject``) or uniform
     variates (``bernoulli``: draw = u < p_gt, which is ``jax.random.bernoulli``)."""
     from titok_jax.models.alit import halting_mask
@@ -350,7 +355,7 @@ def _iteration(m, x, gt_ids, injected, *, k: int, halting: str, last: bool):
     return x, result
 
 
-def _codes_only(m, x):
+def stream_codes(m, x):
     """Encoder pass + quantization of a stream (no decoder): the codes of that iteration."""
     x = m.encoder(x)
     return m.bottleneck(x[:, 1 + m.grid_tokens:])[2]
