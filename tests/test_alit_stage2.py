@@ -134,7 +134,7 @@ def test_resume_through_the_checkpointer_is_bitwise(run, tmp_path):
         ckpt.close()
     assert step == 3
     # titok-jax eval reads the workdir: the whole EMA tree, the trained VQGAN included.
-    from titok_jax.inference.weights import Checkpoint
+    from titok_jax.inference.weights import WeightsSource as Checkpoint
     source = Checkpoint(str(tmp_path))
     params = source.params(source.config(config.copy_and_resolve_references()))
     read = {**params["model"], **params["frozen"]}

@@ -187,14 +187,21 @@ def served(models, tmp_path_factory):
     return root, result
 
 
+# Served floats against the API's (images in [0, 1], VAE latents): see the test below.
+FLOAT_ATOL = 1e-4
+
+
 @pytest.mark.parametrize("name", ["vq", "vae", "gen", "alit"])
 def test_served_artefacts_match_the_python_api(served, name):
-    """Token ids identical at batch 1 and 3; floats bitwise (the artefact's program, its
-    symbolic batch refined to the call's, compiles as the API's jit does), also
+    """Token ids identical at batch 1 and 3; floats within FLOAT_ATOL of the API, also
     ``decode_first_tokens`` with a token count per row against the API's one-k calls, and ALIT
-    decode at batch 1 (ids cut to the length by the API, padded to 32 in the artefact): the
-    masked keys contribute exact zeros. (ALIT decode was within 1.2e-5 while the API ran it as
-    two programs, logits then pixels; both now run ``alit.decode_images``.)"""
+    decode at batch 1 (ids cut to the length by the API, padded to 32 in the artefact).
+
+    The artefact is a deserialised program with a symbolic batch, the API a jit of the module:
+    two programs (ALIT decode at batch 1 even has other shapes), whose floats are equal bit for
+    bit only where XLA happens to emit the same code. On an AVX-512 host (AMD EPYC Zen 4) every
+    float here was bitwise equal; on a Zen 3 host without AVX-512, ALIT ``decode_tokens/b1``
+    differed in 6,045 of 12,288 elements by at most 1.7e-5. FLOAT_ATOL keeps a 6x margin."""
     sig, outs, _, expected = served[1][name]
     assert sorted(outs) == sorted(expected) and len(outs) >= 2
     varying = {"vq": "encode/b3", "gen": "sample/b3", "alit": "encode_8/b3"}
@@ -204,7 +211,10 @@ def test_served_artefacts_match_the_python_api(served, name):
     for key, want in expected.items():
         got = outs[key]
         assert got.shape == want.shape and got.dtype == want.dtype, key
-        np.testing.assert_array_equal(got, want, err_msg=key)
+        if np.issubdtype(want.dtype, np.integer):
+            np.testing.assert_array_equal(got, want, err_msg=key)
+        else:
+            np.testing.assert_allclose(got, want, rtol=0, atol=FLOAT_ATOL, err_msg=key)
     fn = sig["functions"]
     batch_first = [t["shape"][0] == "b" for f in fn.values() for t in f["inputs"]
                    if t["name"] != "key"]

@@ -17,10 +17,10 @@ def cmd_eval(args, overrides: list[str]) -> int:
 
     from titok_jax.data.pipeline import resolve_data_dir
     from titok_jax.evals import runner
-    from titok_jax.inference.weights import Checkpoint
+    from titok_jax.inference.weights import WeightsSource
     from titok_jax.infra import sharding
     from titok_jax.infra.config import apply_overrides, load_config
-    checkpoint = Checkpoint(args.checkpoint)
+    checkpoint = WeightsSource(args.checkpoint)
     config = checkpoint.config(load_config(args.config) if args.config else None)
     apply_overrides(config, overrides)
     mesh = sharding.make_mesh()

@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from titok_jax.convert import native, official
-from titok_jax.convert.layout import check_params
-from titok_jax.inference.predict import abstract_params
+from titok_jax.convert import native
+from titok_jax.inference import weights
 from titok_jax.inference.tokenizer import check_images
 from titok_jax.models import variants
 
@@ -45,21 +44,15 @@ def load_alit(name: str, path: str | os.PathLike, *, which: str = "ema",
         or a titok-jax folder. The stage-2 ``gan_losses.*`` entries are dropped.
       which: ``ema`` (what the official evaluation uses) or ``model``.
     """
-    if native.is_native_dir(path):
-        cfg, params = native.load_native(path)
-        if model_config is not None:
-            cfg = model_config
-        cfg = ml_collections.ConfigDict(cfg.to_dict())
+    stored = weights.WeightsSource(path).model_config()
+    if stored is not None:
+        cfg = ml_collections.ConfigDict((model_config or stored).to_dict())
         if cfg.name != "alit":
             raise ValueError(f"{path} holds a {cfg.name!r} model, not ALIT")
-        module = variants.build_model(cfg)
-        params = check_params(params, abstract_params(module, cfg.image_size), f"ALIT ({path})")
     else:
         cfg = ml_collections.ConfigDict((model_config or variants.alit_model_config(name))
                                         .to_dict())
-        module = variants.build_model(cfg)
-        state = official.read_training_checkpoint(path, which)
-        params = official.import_official(state, abstract_params(module, cfg.image_size), cfg)
+    params = weights.load_params(cfg, path, which=which, what=f"ALIT ({path})", same_model=None)
     if dtype is not None:
         cfg.dtype = dtype
     return ALITTokenizer(cfg, params)

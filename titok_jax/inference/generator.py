@@ -17,8 +17,7 @@ import ml_collections
 import numpy as np
 
 from titok_jax.convert import native, official
-from titok_jax.convert.layout import check_params
-from titok_jax.inference import sampling
+from titok_jax.inference import sampling, weights
 from titok_jax.models import variants
 from titok_jax.models.maskgit import class_tokens
 
@@ -156,12 +155,6 @@ class Generator:
         native.save_native(directory, self.config, jax.device_get(self.params))
 
 
-def _abstract_params(module, num_tokens: int):
-    ids = jax.ShapeDtypeStruct((1, num_tokens), jnp.int32)
-    cond = jax.ShapeDtypeStruct((1,), jnp.int32)
-    return jax.eval_shape(module.init, jax.random.PRNGKey(0), ids, cond)["params"]
-
-
 def load_generator(name_or_config: str | ml_collections.ConfigDict | dict | None,
                    path: str | os.PathLike | None = None, *,
                    sampling_defaults: sampling.SamplingConfig | None = None) -> Generator:
@@ -182,7 +175,7 @@ def load_generator(name_or_config: str | ml_collections.ConfigDict | dict | None
         if path is None or not native.is_native_dir(path):
             raise ValueError(f"without a generator name or config, path must be a titok-jax "
                              f"folder (config.json + params.safetensors), got {path!r}")
-        cfg = native.load_native_config(path)
+        cfg = weights.WeightsSource(path).model_config()
     elif isinstance(name_or_config, str):
         cfg = variants.generator_model_config(name_or_config)
     else:
@@ -195,15 +188,6 @@ def load_generator(name_or_config: str | ml_collections.ConfigDict | dict | None
         from titok_jax.convert.layout import init_unrolled
         params = init_unrolled(module, jax.random.PRNGKey(0), ids, jnp.zeros((1,), jnp.int32))
         return Generator(cfg, params, sampling_defaults)
-    abstract = _abstract_params(module, cfg.num_tokens)
-    if native.is_native_dir(path):
-        saved, params = native.load_native(path)
-        if variants.model_identity(saved) != variants.model_identity(cfg):
-            raise ValueError(f"{path} holds a different generator config than requested:\n"
-                             f"  saved: {variants.model_identity(saved)}\n"
-                             f"  asked: {variants.model_identity(cfg)}")
-        params = check_params(params, abstract, f"generator ({path})")
-    else:
-        params = official.import_official(official.read_state_dict(path), abstract, cfg)
+    params = weights.load_params(cfg, path, what=f"generator ({path})", same_model="generator")
     return Generator(cfg, params, sampling_defaults)
 

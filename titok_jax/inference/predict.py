@@ -87,64 +87,6 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return variants.vqgan_model_config(config.teacher.size)
 
 
-def load_frozen(config: ml_collections.ConfigDict) -> dict:
-    """The frozen parts a training/eval config needs, loaded from ``config.teacher.weights``.
-
-    Without weights this is an error, unless ``config.teacher.allow_random`` (runlocal configs
-    and tests): then a random VQGAN drawn from ``config.seed + 1`` (the same every time, so a
-    workdir evaluated later sees the teacher it was trained with).
-    """
-    model_cfg = config.model
-    if not needs_teacher(model_cfg):
-        return {}
-    weights = config.teacher.get("weights", "")
-    if not weights and not config.teacher.get("allow_random", False):
-        what = ("ALIT's frozen VQGAN (base tokenizer)" if model_cfg.name == "alit"
-                else "the stage-1 proxy-code teacher (MaskGIT-VQGAN)")
-        raise ValueError(
-            f"config.teacher.weights is empty: {what} needs pretrained weights, e.g. "
-            "--config.teacher.weights=maskgit-vqgan-imagenet-f16-256.bin. A random teacher "
-            "only makes sense for tests: set --config.teacher.allow_random=True to use one")
-    if model_cfg.name == "alit":
-        return {ALIT_FROZEN: _alit_vqgan(config, weights)}
-    teacher_cfg = teacher_config(config)
-    teacher = variants.build_model(teacher_cfg)
-    if weights:
-        from titok_jax.convert.official import import_official, read_state_dict
-        params = import_official(read_state_dict(weights), abstract_params(teacher, 256),
-                                 teacher_cfg)
-    else:
-        log.warning("using a RANDOM MaskGIT-VQGAN teacher (config.teacher.allow_random)")
-        params = jax.jit(teacher.init)(jax.random.PRNGKey(config.seed + 1),
-                                       jnp.zeros((1, 256, 256, 3)))["params"]
-    return {"teacher": params}
-
-
-def _alit_vqgan(config, weights: str) -> dict:
-    """ALIT's ``base_tokenizer`` subtree: from an ALIT checkpoint (its
-    ``base_tokenizer.vqgan.*``), a taming-layout VQGAN state dict, or the MaskGIT-VQGAN release
-    (same architecture); random (seeded) without weights."""
-    from titok_jax.convert import official
-    from titok_jax.convert.layout import import_state_dict
-    model = variants.build_model(config.model)
-    size = config.model.image_size
-    if not weights:
-        log.warning("using a RANDOM VQGAN as ALIT's base tokenizer (config.teacher.allow_random)")
-        params = jax.jit(model.init)(jax.random.PRNGKey(config.seed + 1),
-                                     jnp.zeros((1, size, size, 3)))["params"]
-        return params[ALIT_FROZEN]
-    sub = abstract_params(model, size)[ALIT_FROZEN]
-    state = official.read_training_checkpoint(weights)
-    prefix = "base_tokenizer.vqgan."
-    if any(k.startswith(prefix) for k in state):
-        state = {k: v for k, v in state.items() if k.startswith(prefix)}
-    elif any(".mid.block_" in k for k in state):
-        state = {prefix + k: v for k, v in state.items()}
-    else:  # MaskGIT-VQGAN release layout
-        return {"vqgan": import_state_dict(state, sub["vqgan"], official.VQGAN_MAP)}
-    return import_state_dict(state, {ALIT_FROZEN: sub}, official.ALIT_MAP)[ALIT_FROZEN]
-
-
 def predictor(config: ml_collections.ConfigDict, model=None,
               num_tokens: int | None = None) -> Predictor:
     """The :class:`Predictor` of ``config.model`` (ALIT: at ``config.eval.alit_iteration``).

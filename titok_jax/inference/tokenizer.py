@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 
 from titok_jax.convert import native, official
-from titok_jax.convert.layout import CheckpointMismatchError, check_params
-from titok_jax.inference.predict import abstract_params
+from titok_jax.convert.layout import CheckpointMismatchError
+from titok_jax.inference import weights
 from titok_jax.models import variants
 
 _IMAGE_HINT = "float32 images [B, {s}, {s}, 3] (NHWC) with values in [0, 1]"
@@ -181,25 +181,10 @@ class VQGAN:
         return self._decode({"params": self.params}, jnp.asarray(ids, jnp.int32))
 
 
-def _load_params(model_config, path, extra_state: dict | None = None) -> dict:
-    module = variants.build_model(model_config)
-    abstract = abstract_params(module, model_config.get("image_size", 256))
-    if native.is_native_dir(path):
-        saved_cfg, params = native.load_native(path)
-        if variants.model_identity(saved_cfg) != variants.model_identity(model_config):
-            raise ValueError(f"{path} holds a different model config than requested:\n"
-                             f"  saved: {variants.model_identity(saved_cfg)}\n"
-                             f"  asked: {variants.model_identity(model_config)}")
-        return check_params(params, abstract, f"{model_config.name} ({path})")
-    state = official.read_state_dict(path)
-    state.update(extra_state or {})
-    return official.import_official(state, abstract, model_config)
-
-
 def load_vqgan(path: str | os.PathLike, name: str = "maskgit_vqgan") -> VQGAN:
     """Loads ``maskgit-vqgan-imagenet-f16-256.bin`` (or its safetensors/titok-jax copy)."""
     cfg = variants.model_config_for(name)
-    return VQGAN(cfg, _load_params(cfg, path))
+    return VQGAN(cfg, weights.load_params(cfg, path))
 
 
 def load_tokenizer(name: str, path: str | os.PathLike, *, stage: int | None = None,
@@ -222,8 +207,10 @@ def load_tokenizer(name: str, path: str | os.PathLike, *, stage: int | None = No
       model_config: overrides ``name`` with an explicit ``config.model`` block.
       dtype: compute dtype (``float32`` default, ``bfloat16``); parameters stay float32.
     """
-    if native.is_native_dir(path):
-        cfg, _ = native.load_native(path) if model_config is None else (model_config, None)
+    source = weights.WeightsSource(path)
+    stored = source.model_config()
+    if stored is not None:
+        cfg = stored if model_config is None else model_config
     elif model_config is not None:
         cfg = ml_collections.ConfigDict(model_config.to_dict())
     else:
@@ -237,11 +224,11 @@ def load_tokenizer(name: str, path: str | os.PathLike, *, stage: int | None = No
     if vqgan_path is not None:
         vqgan = load_vqgan(vqgan_path, "maskgit_vqgan_tiny" if cfg.get("vqgan") == "tiny"
                            else "maskgit_vqgan")
-        if cfg.finetune_decoder and not native.is_native_dir(path):
+        if cfg.finetune_decoder and source.kind == "weights":
             extra = official.vqgan_as_pixel_decoder(official.export_official(
                 jax.device_get(vqgan.params), vqgan.config))
     try:
-        params = _load_params(cfg, path, extra)
+        params = weights.load_params(cfg, path, extra_state=extra)
     except CheckpointMismatchError as e:
         if cfg.finetune_decoder and e.missing and all(k.startswith("pixel_") for k in e.missing):
             raise CheckpointMismatchError(

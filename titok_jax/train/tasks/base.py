@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from titok_jax.convert.layout import init_unrolled
-from titok_jax.inference import predict
+from titok_jax.inference import predict, weights
 from titok_jax.models import variants
 from titok_jax.train.state import Optimizer, TrainState
 
@@ -50,7 +50,7 @@ class Task:
 
     # -- parameters -------------------------------------------------------------------------
     def frozen(self) -> dict:
-        return predict.load_frozen(self.config)
+        return weights.load_frozen(self.config)
 
     def trainable(self, full_params: dict) -> dict:
         """The trained part of the model's full parameter tree."""
@@ -98,15 +98,10 @@ class Task:
                            self.model_params(ema, jax.device_get(frozen)))
 
     def warm_start(self, state: TrainState, path: str) -> TrainState:
-        """Params (and EMA) from an official checkpoint or titok-jax folder."""
-        from titok_jax.convert import native
-        from titok_jax.convert.layout import check_params
-        from titok_jax.convert.official import import_official, read_training_checkpoint
-        abstract = predict.abstract_params(self.model, self.image_size)
-        if native.is_native_dir(path):
-            full = check_params(native.load_native(path)[1], abstract, path)
-        else:
-            full = import_official(read_training_checkpoint(path), abstract, self.config.model)
+        """Params (and EMA) from an official checkpoint, titok-jax folder or training workdir
+        (its EMA)."""
+        full = weights.load_params(self.config.model, path, which="ema", what=path,
+                                   same_model=None)
         params = jax.device_put(self.trainable(full),
                                 jax.tree_util.tree_map(lambda a: a.sharding,
                                                        state.params[self.group]))

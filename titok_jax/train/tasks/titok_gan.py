@@ -304,15 +304,13 @@ def load_stage2_init(config: ml_collections.ConfigDict, model) -> dict[str, Any]
     from titok_jax.convert.official import (
         export_official,
         import_official,
-        read_state_dict,
-        read_training_checkpoint,
         vqgan_as_pixel_decoder,
     )
-    from titok_jax.inference.weights import Checkpoint
+    from titok_jax.inference.weights import WeightsSource
     path = config.init_from
-    source = Checkpoint(path)
+    source = WeightsSource(path)
     if source.kind == "weights":
-        state_dict = read_training_checkpoint(path)
+        state_dict = source.state_dict("ema")
     else:  # a titok-jax folder (its model block) or workdir (its stored config, EMA params)
         src_model = source.config(ml_collections.ConfigDict(
             {"model": config.model.to_dict()})).model
@@ -328,7 +326,7 @@ def load_stage2_init(config: ml_collections.ConfigDict, model) -> dict[str, Any]
     if not any(k.startswith("pixel_") for k in state_dict):
         teacher_cfg = predict.teacher_config(config)
         if config.teacher.weights:
-            vq_sd = read_state_dict(config.teacher.weights)
+            vq_sd = WeightsSource(config.teacher.weights).state_dict()
             sources.append(config.teacher.weights)
         elif config.teacher.get("allow_random", False):
             vqgan = variants.build_model(teacher_cfg)
