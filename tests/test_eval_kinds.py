@@ -184,3 +184,10 @@ def test_training_workdir_uses_stored_config_and_ema(kind, file_results, weights
     assert saved["kind"] == "workdir" and saved["step"] == 3
     assert saved["results"] == pytest.approx(file_results[kind]["results"], rel=1e-6)
     assert any(f.startswith("events.out") for f in os.listdir(tmp_path / "workdir"))
+    if kind == "stage1":
+        # The one loader: the public API reads the same workdir (stored model config, EMA).
+        tok = titok_jax.load_tokenizer("", tmp_path / "workdir")
+        assert tok.config.to_dict() == config.model.to_dict()
+        got, want = jax.tree_util.tree_leaves(tok.params), jax.tree_util.tree_leaves(ema)
+        assert len(got) == len(want)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))

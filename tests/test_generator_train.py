@@ -240,10 +240,11 @@ def test_trains_on_pretokenized_data(data_dir, tmp_path):
     from titok_jax.data.embedded import DATASET_NAME
     from titok_jax.data.pipeline import EpochShuffle
     from titok_jax.inference.tokenizer import Tokenizer
+    from titok_jax.jobs import pretokenize as pretokenize_job
     config = runlocal(data_dir, arg=ARG)
     params = tasks_lib.get(config).frozen()["tokenizer"]
     out = str(tmp_path / "tokens")
-    tokens_lib.pretokenize(Tokenizer(config.tokenizer.model, params), DATASET_NAME, data_dir,
+    pretokenize_job.pretokenize(Tokenizer(config.tokenizer.model, params), DATASET_NAME, data_dir,
                            "validation[:12]", out, batch_size=12, shard_size=12)
     config = runlocal(data_dir, f"data.tokens={out}", "optimizer.warmup_steps=0", arg=ARG)
     t = loop.build_trainer(config, sharding.make_mesh())

@@ -184,7 +184,7 @@ def test_two_hosts_write_the_same_shards(tok, data_dir, reference, tmp_path):
 
 def test_resume_after_a_kill(tok, data_dir, reference, tmp_path, monkeypatch):
     out = str(tmp_path / "killed")
-    write = tokens._write_shard
+    write = pretokenize_job._write_shard
     calls = []
 
     def killed_after_one(out_path, name, *args):

@@ -9,14 +9,14 @@ import argparse
 import logging
 import sys
 
-from titok_jax.cli import evaluate, pretokenize, sample, serve_export, tokenizer, train
-from titok_jax.infra.checkpointing import CheckpointRestoreError
-
 # Subcommands that take ``--config.KEY=VALUE`` overrides (their func takes them as 2nd argument).
 WITH_OVERRIDES = ("train", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, after main() configured logging: the subcommands' modules import JAX,
+    # Orbax and absl, which install log handlers of their own.
+    from titok_jax.cli import evaluate, pretokenize, sample, serve_export, tokenizer, train
     parser = argparse.ArgumentParser(prog="titok-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tokenizer.add_parsers(sub)
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown or (overrides and args.command not in WITH_OVERRIDES):
         build_parser().error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    from titok_jax.infra.checkpointing import CheckpointRestoreError
     try:
         if args.command in WITH_OVERRIDES:
             return args.func(args, overrides)

@@ -32,7 +32,7 @@ from etils import epath
 from titok_jax.convert import native, official
 from titok_jax.convert.layout import check_params, import_state_dict
 from titok_jax.inference import predict
-from titok_jax.infra import checkpointing, paths
+from titok_jax.infra import paths
 from titok_jax.models import variants
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class WeightsSource:
         self.step: int | None = None
         self._state = None
         self._stored_model = self._stored_config = None
+        # Orbax (and absl's log handler) only when a workdir may be read: not at import time.
+        from titok_jax.infra import checkpointing
         if native.is_native_dir(self.path):
             self.kind = "folder"  # its parameters are read when asked for
             self._stored_model = native.load_native_config(self.path)
