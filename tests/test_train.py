@@ -408,7 +408,8 @@ def _final_state(workdir):
 
 def kill_and_resume(cmd_straight, cmd_killed, killed_dir, kill_after_step, env=None):
     """Runs ``cmd_straight`` to the end; starts ``cmd_killed``, SIGKILLs it once checkpoint
-    ``kill_after_step`` exists, and runs it again to the end."""
+    ``kill_after_step`` exists, and runs it again to the end. Returns (the checkpoint steps
+    present at the kill, the second run's stderr)."""
     subprocess.run(cmd_straight, check=True, capture_output=True, env=env)
     proc = subprocess.Popen(cmd_killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
@@ -420,7 +421,9 @@ def kill_and_resume(cmd_straight, cmd_killed, killed_dir, kill_after_step, env=N
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    subprocess.run(cmd_killed, check=True, capture_output=True, env=env)
+    at_kill = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    done = subprocess.run(cmd_killed, check=True, capture_output=True, env=env, text=True)
+    return at_kill, done.stderr
 
 
 @pytest.mark.parametrize("arg", [
@@ -431,9 +434,14 @@ def kill_and_resume(cmd_straight, cmd_killed, killed_dir, kill_after_step, env=N
 def test_kill_minus_nine_and_resume_is_bitwise(data_dir, tmp_path, arg):
     args = ["--config.total_steps=16", "--config.ckpt_every=4", "--config.log_every=4",
             *[f"--config.{o}" for o in REAL_UPDATES]]
-    kill_and_resume(_train_cmd(tmp_path / "straight", data_dir, arg, *args),
-                    _train_cmd(tmp_path / "killed", data_dir, arg, *args),
-                    tmp_path / "killed", kill_after_step=8)
+    at_kill, log = kill_and_resume(_train_cmd(tmp_path / "straight", data_dir, arg, *args),
+                                   _train_cmd(tmp_path / "killed", data_dir, arg, *args),
+                                   tmp_path / "killed", kill_after_step=8)
+    # The kill landed mid-run (the last checkpoint not yet written) and the second run resumed
+    # from a checkpoint instead of starting over.
+    assert 8 in at_kill and 16 not in at_kill, at_kill
+    resumed = re.search(r"resumed from step (\d+)", log)
+    assert resumed and 8 <= int(resumed.group(1)) < 16, log[-2000:]
     step_a, a = _final_state(tmp_path / "straight")
     step_b, b = _final_state(tmp_path / "killed")
     assert step_a == step_b == 16
