@@ -81,22 +81,21 @@ def _imports(source: str) -> list[Import]:
     for n in tree.body:
         if isinstance(n, (ast.If, ast.Try)):
             top |= {id(c) for c in ast.walk(n)}
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                out.append(Import(source, node.lineno, alias.name, (), id(node) in top))
-        elif isinstance(node, ast.ImportFrom):
-            target = _resolve(source, node)
-            names = tuple(a.name for a in node.names)
-            # "from pkg import module" names a module: the edge goes to it.
-            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
-            if subs and len(subs) == len(names):
-                for sub, name in zip(subs, names):
-                    out.append(Import(source, node.lineno, sub, (), id(node) in top))
-            else:
-                out.append(Import(source, node.lineno, target, names, id(node) in top))
-    return out
+    return [imp for node in ast.walk(tree) for imp in _edges(source, node, id(node) in top)]
+
+
+def _edges(source: str, node: ast.AST, top_level: bool) -> list[Import]:
+    """The imports one statement makes ("from pkg import module" is an edge to the module)."""
+    if isinstance(node, ast.Import):
+        return [Import(source, node.lineno, a.name, (), top_level) for a in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    target = _resolve(source, node)
+    names = tuple(a.name for a in node.names)
+    subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+    if subs and len(subs) == len(names):
+        return [Import(source, node.lineno, sub, (), top_level) for sub in subs]
+    return [Import(source, node.lineno, target, names, top_level)]
 
 
 IMPORTS = {m: _imports(m) for m in MODULES}
@@ -244,19 +243,9 @@ def test_importing_the_package_and_its_cli_loads_no_torch():
 
 def _planted(source: str, code: str) -> dict[str, list[Import]]:
     """IMPORTS with ``code`` added to ``source`` (parsed as if it stood at its end)."""
-    tree = ast.parse(code)
-    extra = []
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom):
-            target = _resolve(source, node)
-            names = tuple(a.name for a in node.names)
-            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
-            if subs and len(subs) == len(names):
-                extra += [Import(source, 9999, s, (), True) for s in subs]
-            else:
-                extra.append(Import(source, 9999, target, names, True))
-        elif isinstance(node, ast.Import):
-            extra += [Import(source, 9999, a.name, (), True) for a in node.names]
+    extra = [imp for node in ast.parse(code).body for imp in _edges(source, node, True)]
+    for imp in extra:
+        imp.line = 9999
     return {**IMPORTS, source: IMPORTS[source] + extra}
 
 
