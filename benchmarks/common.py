@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import platform
 import statistics
 import sys
 import time
@@ -15,7 +16,10 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from titok_jax.infra.config import load_config
 from titok_jax.models.variants import TITOK_VARIANTS, titok_model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # device_kind substring -> dense (float32, bfloat16) TFLOP/s; first match wins. TPUs run float32
 # dots as bfloat16 MXU passes at the default precision, hence one figure for both.
@@ -254,3 +258,32 @@ def bench_device(override: float | None) -> tuple[Any, dict[str, float], str]:
     peaks, peak_source = peak_gflops(device, override)
     print_header(device, peak_source)
     return device, peaks, peak_source
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``), for the benchmark headers."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def stage1_config(variant: str, dtype: str, batch: int, remat: bool, scan: bool = False,
+                  policy: str = "nothing_saveable", ema: bool = True):
+    """The stage-1 config the training benchmarks time: random teacher, ``batch``, ``dtype``,
+    remat (with ``policy``), scanned layers and the EMA copy (on in every released recipe) as
+    asked."""
+    config = load_config(os.path.join(ROOT, "configs", "titok.py") + f":variant={variant},stage=1")
+    config.global_batch = batch
+    config.model.dtype = dtype
+    config.model.remat = remat
+    config.model.remat_policy = policy
+    config.model.scan_layers = scan
+    if not ema:
+        config.ema_decay = None
+    config.teacher.allow_random = True
+    return config

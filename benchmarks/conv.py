@@ -31,21 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import ROOT, cpu_model
+
 SHAPES = ((16, 512, 512), (32, 256, 256), (64, 256, 256), (128, 128, 128), (256, 128, 128))
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def lax_conv(x, w):

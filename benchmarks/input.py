@@ -17,21 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from benchmarks.common import cpu_model
 
 
 class TorchSlots:
@@ -96,7 +86,7 @@ def main() -> None:
     builder = open_builder(dataset, data_dir)
     n, b = args.batches, args.batch
     print(f"{builder.info.full_name} {args.split}: batches of {b} at {args.image_size}px, "
-          f"{n} timed batches per line; {_cpu_name()}, {os.cpu_count()} cores")
+          f"{n} timed batches per line; {cpu_model()}, {os.cpu_count()} cores")
     print(f"{'loader':<34} {'images/s':>9} {'per worker':>11}")
 
     def report(name: str, workers: int, seconds: float) -> None:

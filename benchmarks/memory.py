@@ -48,13 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import load_official_titok
+from benchmarks.common import load_official_titok, stage1_config
 from titok_jax.infra import sharding
-from titok_jax.infra.config import load_config
 from titok_jax.models.variants import VQGAN_SIZES
 from titok_jax.train import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024 ** 3
 # What an HLO buffer live at the peak holds, from its opcode, shape and JAX op name (Flax module
 # paths; ``jvp(TiTok)``: the forward under differentiation, ``transpose(jvp(TiTok))``: the
@@ -73,23 +71,6 @@ KINDS = (
     ("XLA-inserted (no op name)", lambda b: not b["op_name"]),
     ("optimizer/EMA/other", lambda b: True),
 )
-
-
-def stage1_config(variant: str, dtype: str, batch: int, remat: bool, scan: bool = False,
-                  policy: str = "nothing_saveable", ema: bool = True):
-    """The stage-1 config of ``benchmarks/train.py``: random teacher, ``batch``, ``dtype``,
-    remat (with ``policy``), scanned layers and the EMA copy (on in every released recipe) as
-    asked."""
-    config = load_config(os.path.join(ROOT, "configs", "titok.py") + f":variant={variant},stage=1")
-    config.global_batch = batch
-    config.model.dtype = dtype
-    config.model.remat = remat
-    config.model.remat_policy = policy
-    config.model.scan_layers = scan
-    if not ema:
-        config.ema_decay = None
-    config.teacher.allow_random = True
-    return config
 
 
 def tree_bytes(tree: Any) -> int:

@@ -45,6 +45,7 @@ import numpy as np
 
 from benchmarks.common import (
     OFFICIAL_VIT_SIZES,
+    ROOT,
     compiled_flops,
     compiled_timing,
     load_official_gan_losses,
@@ -54,13 +55,13 @@ from benchmarks.common import (
     official_random_perceptual,
     peak_gflops,
     print_header,
+    stage1_config,
 )
 from titok_jax.infra import sharding
 from titok_jax.infra.config import load_config
 from titok_jax.models.variants import TITOK_VARIANTS
 from titok_jax.train import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --stage -> (default variants, the task its configs must select)
 STAGES = {"1": ("S-128,B-64,L-32", "titok_stage1"), "2": ("S-128", "titok_stage2"),
           "single": ("BL-64-VQ", "titok_single_stage")}
@@ -95,13 +96,8 @@ def time_trainer_step(config, kind: str, warmup: int,
 def jax_step(variant: str, dtype: str, batch: int, warmup: int, iters: int,
              remat: bool = False, scan: bool = False,
              policy: str = "nothing_saveable") -> dict[str, Any]:
-    config = load_config(os.path.join(ROOT, "configs", "titok.py") + f":variant={variant},stage=1")
-    config.global_batch = batch
-    config.model.dtype = dtype
-    config.model.remat = remat
-    config.model.remat_policy = policy
-    config.model.scan_layers = scan
-    config.teacher.allow_random = True  # random weights time the same as the release
+    # A random teacher: random weights time the same as the release.
+    config = stage1_config(variant, dtype, batch, remat, scan, policy)
     return time_trainer_step(config, "train", warmup, iters)[0]
 
 

@@ -151,9 +151,8 @@ def private_imports(imports: dict[str, list[Import]]) -> list[str]:
     for items in imports.values():
         for imp in items:
             if _internal(imp.target):
-                private = [n for n in imp.names if n.startswith("_") and not n.startswith("__")]
-                private += [imp.target.rsplit(".", 1)[1]] if imp.target.rsplit(
-                    ".", 1)[-1].startswith("_") and not imp.target.endswith("__") else []
+                names = (*imp.names, imp.target.rsplit(".", 1)[-1])  # names, or the module
+                private = [n for n in names if n.startswith("_") and not n.startswith("__")]
                 if private:
                     problems.append(f"{imp.where()}: takes private {private} from "
                                     f"{imp.target}; make it public or move it")
