@@ -44,7 +44,8 @@ def load_alit(name: str, path: str | os.PathLike, *, which: str = "ema",
         or a titok-jax folder. The stage-2 ``gan_losses.*`` entries are dropped.
       which: ``ema`` (what the official evaluation uses) or ``model``.
     """
-    stored = weights.WeightsSource(path).model_config()
+    source = weights.WeightsSource(path)
+    stored = source.model_config()
     if stored is not None:
         cfg = ml_collections.ConfigDict((model_config or stored).to_dict())
         if cfg.name != "alit":
@@ -52,7 +53,7 @@ def load_alit(name: str, path: str | os.PathLike, *, which: str = "ema",
     else:
         cfg = ml_collections.ConfigDict((model_config or variants.alit_model_config(name))
                                         .to_dict())
-    params = weights.load_params(cfg, path, which=which, what=f"ALIT ({path})", same_model=None)
+    params = weights.load_params(cfg, source, which=which, what=f"ALIT ({path})", same_model=None)
     if dtype is not None:
         cfg.dtype = dtype
     return ALITTokenizer(cfg, params)

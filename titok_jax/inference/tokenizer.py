@@ -228,7 +228,7 @@ def load_tokenizer(name: str, path: str | os.PathLike, *, stage: int | None = No
             extra = official.vqgan_as_pixel_decoder(official.export_official(
                 jax.device_get(vqgan.params), vqgan.config))
     try:
-        params = weights.load_params(cfg, path, extra_state=extra)
+        params = weights.load_params(cfg, source, extra_state=extra)
     except CheckpointMismatchError as e:
         if cfg.finetune_decoder and e.missing and all(k.startswith("pixel_") for k in e.missing):
             raise CheckpointMismatchError(

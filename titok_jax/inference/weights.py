@@ -175,14 +175,17 @@ def check_same_model(saved: ml_collections.ConfigDict, asked: ml_collections.Con
                          f"  asked: {variants.model_identity(asked)}")
 
 
-def load_params(model_config: ml_collections.ConfigDict, path: str | os.PathLike, *,
+def load_params(model_config: ml_collections.ConfigDict,
+                path: str | os.PathLike | WeightsSource, *,
                 which: str | None = None, extra_state: dict | None = None,
                 what: str | None = None, same_model: str | None = "model") -> dict:
     """The full parameter tree of ``model_config`` from any source (folder, official file,
-    workdir). ``which``: read a file as an official training checkpoint (``ema``/``model``);
+    workdir; or a :class:`WeightsSource` already resolved, so a workdir is read once).
+    ``which``: read a file as an official training checkpoint (``ema``/``model``);
     ``same_model``: refuse a folder or workdir whose stored model differs (the word used in the
     error), None to skip."""
-    source = WeightsSource(path)
+    source = path if isinstance(path, WeightsSource) else WeightsSource(path)
+    path = source.path
     stored = source.model_config()
     if same_model and stored is not None:
         check_same_model(stored, model_config, path, same_model)
